@@ -1,0 +1,58 @@
+"""Model architectures, built from the `model` section of a config by make_model.
+
+Each architecture registers one builder, keyed by model_config["type"]. Builders import their module when called,
+so that importing hdiffusion.models loads no architecture and no optional attention backend.
+"""
+
+from ..errors import UsageError
+
+
+def _image_transformer_v2(model_config, num_classes):
+    from .hdit import HDiT
+
+    # k-diffusion lists levels outermost first with the middle level last; HDiT takes the middle level apart.
+    self_attns = [dict(spec) for spec in model_config["self_attns"]]
+    model = HDiT(
+        in_channels=model_config["input_channels"],
+        out_channels=model_config["input_channels"],
+        patch_size=model_config["patch_size"],
+        widths=model_config["widths"][:-1],
+        middle_width=model_config["widths"][-1],
+        depths=model_config["depths"][:-1],
+        middle_depth=model_config["depths"][-1],
+        mapping_width=model_config["mapping_width"],
+        mapping_depth=model_config["mapping_depth"],
+        d_ffs=model_config["d_ffs"][:-1],
+        middle_d_ff=model_config["d_ffs"][-1],
+        self_attns=self_attns[:-1],
+        middle_self_attn=self_attns[-1],
+        dropout_rates=model_config["dropout_rate"][:-1],
+        middle_dropout_rate=model_config["dropout_rate"][-1],
+        mapping_d_ff=model_config["mapping_d_ff"],
+        mapping_dropout_rate=model_config["mapping_dropout_rate"],
+        num_classes=num_classes,
+        mapping_cond_dim=model_config["mapping_cond_dim"],
+        checkpointing=model_config.get("checkpointing", False),
+    )
+    model.check_input_size(*model_config["input_size"])  # fail at startup, not at the first training step
+    return model
+
+
+MODELS = {
+    "image_transformer_v2": _image_transformer_v2,
+}
+
+
+def make_model(model_config, num_classes):
+    """The nn.Module described by a validated, fully defaulted `model` config section.
+
+    num_classes is the number of real classes (0: unconditional); class-conditional models get one more
+    embedding, index num_classes, for the null class of classifier-free guidance.
+    """
+    model_type = model_config["type"]
+    if model_type not in MODELS:
+        raise UsageError(f"model.type: unknown model type {model_type!r}; known types: {', '.join(MODELS)}")
+    try:
+        return MODELS[model_type](model_config, num_classes)
+    except ValueError as error:  # the architecture rejects the configured shapes: a config error
+        raise UsageError(f"model: {error}") from error

@@ -1,0 +1,235 @@
+"""Attention over a 2-D token grid: global, neighborhood and shifted-window, each with a pure PyTorch reference.
+
+Every function takes q, k, v in the heads-last grid layout [N, H, W, heads, d] (natten's layout) and returns the
+attention output in the same layout. `scale` multiplies the logits; HDiT uses cosine-similarity attention whose
+q and k already carry the learned temperature, hence the default 1.0.
+
+Optional accelerators are imported lazily and only used where they support the case:
+- global: flash-attn (CUDA, fp16/bf16), else F.scaled_dot_product_attention;
+- neighborhood: natten.na2d (natten >= 0.20), else SDPA with the neighborhood as a boolean mask.
+The modules at the bottom wrap one kind each for the models; `hdiffusion.flops` counts them analytically.
+"""
+
+import functools
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@functools.cache
+def _flash_attn():
+    try:
+        import flash_attn
+    except ImportError:
+        return None
+    return flash_attn
+
+
+@functools.cache
+def _natten():
+    try:
+        import natten
+    except ImportError:
+        return None
+    return natten
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _sdpa_over_grid(q, k, v, mask, scale):
+    """SDPA over all tokens of the grid: [N, H, W, heads, d] -> [N, heads, H * W, d] and back."""
+    n, h, w, heads, d = q.shape
+    q, k, v = (t.flatten(1, 2).transpose(1, 2) for t in (q, k, v))
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return x.transpose(1, 2).unflatten(1, (h, w))
+
+
+# Global attention
+
+
+def global_attention(q, k, v, scale=1.0, backend="auto"):
+    """Every query attends to every key. backend: "auto" | "flash-attn" | "reference" (F.scaled_dot_product_attention,
+    which itself picks a fused kernel where PyTorch has one)."""
+    if backend not in ("auto", "flash-attn", "reference"):
+        raise ValueError(f"global attention backend must be 'auto', 'flash-attn' or 'reference', got {backend!r}")
+    flash_attn = _flash_attn()
+    flash_ok = (
+        flash_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256  # the head dims flash-attn 2 has kernels for
+    )
+    if backend == "flash-attn" and not flash_ok:
+        raise RuntimeError("the flash-attn backend needs the flash_attn package, fp16/bf16 CUDA tensors and "
+                           "d_head a multiple of 8 up to 256")
+    if backend == "reference" or not flash_ok:
+        return _sdpa_over_grid(q, k, v, None, scale)
+    n, h, w, heads, d = q.shape
+    q, k, v = (t.flatten(1, 2) for t in (q, k, v))  # flash-attn's layout is [N, L, heads, d]
+    return flash_attn.flash_attn_func(q, k, v, softmax_scale=scale).unflatten(1, (h, w))
+
+
+# Neighborhood attention (Hassani et al. 2023)
+
+
+def check_neighborhood_fits(h, w, kernel_size):
+    if not 1 <= kernel_size <= min(h, w):
+        raise ValueError(
+            f"neighborhood attention: kernel_size {kernel_size} does not fit a {h}x{w} token grid "
+            f"(it must be between 1 and the shorter side)"
+        )
+
+
+def neighborhood_window_start(n, kernel_size, device=None):
+    """First key index of each query's window along one axis: centred on the query, shifted inward at the
+    borders so that every query sees exactly kernel_size keys (NATTEN's definition)."""
+    i = torch.arange(n, device=device)
+    return (i - kernel_size // 2).clamp(0, n - kernel_size)
+
+
+@functools.lru_cache(maxsize=32)
+def neighborhood_mask(h, w, kernel_size, device=None):
+    """Boolean [H * W, H * W] mask, True where query (row) may attend to key (column)."""
+
+    def axis_mask(n):  # [query, key]
+        start = neighborhood_window_start(n, kernel_size, device)[:, None]
+        j = torch.arange(n, device=device)
+        return (start <= j) & (j < start + kernel_size)
+
+    with torch.inference_mode(False):  # a mask cached under inference mode would be unusable in training later
+        mask_y, mask_x = axis_mask(h), axis_mask(w)
+        return (mask_y[:, None, :, None] & mask_x[None, :, None, :]).reshape(h * w, h * w)
+
+
+def neighborhood_attention_reference(q, k, v, kernel_size, scale=1.0):
+    """Neighborhood attention as dense attention under the neighborhood mask: O((HW)^2), for tests and for
+    backward where natten cannot run. hdiffusion.flops still counts kernel_size^2 keys per query."""
+    n, h, w, heads, d = q.shape
+    check_neighborhood_fits(h, w, kernel_size)
+    return _sdpa_over_grid(q, k, v, neighborhood_mask(h, w, kernel_size, q.device), scale)
+
+
+def neighborhood_attention(q, k, v, kernel_size, scale=1.0, backend="auto"):
+    """Each query attends to the kernel_size x kernel_size keys around it. backend: "auto" | "natten" | "reference".
+
+    "auto" uses natten where it can run: it is installed, the tensors are on CPU or CUDA, and, on CPU, no gradient
+    is needed (natten has no CPU backward). If natten finds no kernel for the case (NotImplementedError), the
+    reference runs instead.
+    """
+    if backend not in ("auto", "natten", "reference"):
+        raise ValueError(f"neighborhood attention backend must be 'auto', 'natten' or 'reference', got {backend!r}")
+    n, h, w, heads, d = q.shape
+    check_neighborhood_fits(h, w, kernel_size)
+    if backend == "reference":
+        return neighborhood_attention_reference(q, k, v, kernel_size, scale)
+    natten = _natten()
+    if backend == "natten":
+        if natten is None:
+            raise RuntimeError("the natten backend needs the natten package (pip install 'natten>=0.20')")
+        return _na2d(natten, q, k, v, kernel_size, scale)
+    natten_ok = natten is not None and (q.is_cuda or (q.device.type == "cpu" and not _needs_grad(q, k, v)))
+    if natten_ok:
+        try:
+            return _na2d(natten, q, k, v, kernel_size, scale)
+        except NotImplementedError:  # no natten kernel for this dtype, head dim or device
+            pass
+    return neighborhood_attention_reference(q, k, v, kernel_size, scale)
+
+
+def _na2d(natten, q, k, v, kernel_size, scale):
+    # q, k, v are often strided views of one qkv projection; natten's fused kernels want dense tensors.
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    return natten.na2d(q, k, v, kernel_size, scale=scale)
+
+
+# Shifted-window attention (Swin, Liu et al. 2021)
+
+
+def check_window_fits(h, w, window_size):
+    if window_size < 1 or h % window_size or w % window_size:
+        raise ValueError(
+            f"shifted-window attention: window_size {window_size} does not tile a {h}x{w} token grid "
+            f"(both sides must be multiples of it)"
+        )
+
+
+@functools.lru_cache(maxsize=32)
+def shifted_window_mask(n_windows_h, n_windows_w, window_size, shift, device=None):
+    """Boolean [n_h, n_w, ws^2, ws^2] mask for the grid rolled by +shift: the first `shift` rows (and columns) then
+    hold tokens wrapped around from the far edge, which must not attend across the seam to their new neighbours.
+    Tokens attend to each other iff they are on the same side of the seam in both directions."""
+    with torch.inference_mode(False):  # a mask cached under inference mode would be unusable in training later
+        rows = torch.arange(n_windows_h * window_size, device=device)
+        cols = torch.arange(n_windows_w * window_size, device=device)
+        region = 2 * (rows < shift)[:, None] + (cols < shift)[None, :]  # [H, W], four regions at most
+        region = region.view(n_windows_h, window_size, n_windows_w, window_size).transpose(1, 2).flatten(2)
+        return region[..., :, None] == region[..., None, :]
+
+
+def shifted_window_attention(q, k, v, window_size, shift=0, scale=1.0):
+    """Attention within non-overlapping window_size x window_size windows of the grid rolled by `shift`."""
+    n, h, w, heads, d = q.shape
+    check_window_fits(h, w, window_size)
+    nh, nw, ws = h // window_size, w // window_size, window_size
+
+    def to_windows(t):  # [N, H, W, heads, d] -> [N, heads, nh, nw, ws * ws, d]
+        t = torch.roll(t, shifts=(shift, shift), dims=(1, 2))
+        return t.view(n, nh, ws, nw, ws, heads, d).permute(0, 5, 1, 3, 2, 4, 6).reshape(n, heads, nh, nw, ws * ws, d)
+
+    mask = shifted_window_mask(nh, nw, ws, shift, q.device) if shift else None
+    x = F.scaled_dot_product_attention(to_windows(q), to_windows(k), to_windows(v), attn_mask=mask, scale=scale)
+    x = x.view(n, heads, nh, nw, ws, ws, d).permute(0, 2, 4, 3, 5, 1, 6).reshape(n, h, w, heads, d)
+    return torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+
+
+# One module per kind, for the models
+
+
+class GridAttention(nn.Module):
+    """Attention over [N, H, W, heads, d]; keys_per_query says how many keys each query sees, for FLOP counting."""
+
+    def keys_per_query(self, h, w):
+        raise NotImplementedError
+
+
+class GlobalAttention(GridAttention):
+    def __init__(self, scale=1.0, backend="auto"):
+        super().__init__()
+        self.scale, self.backend = scale, backend
+
+    def keys_per_query(self, h, w):
+        return h * w
+
+    def forward(self, q, k, v):
+        return global_attention(q, k, v, self.scale, self.backend)
+
+
+class NeighborhoodAttention(GridAttention):
+    def __init__(self, kernel_size, scale=1.0, backend="auto"):
+        super().__init__()
+        self.kernel_size, self.scale, self.backend = kernel_size, scale, backend
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}"
+
+    def keys_per_query(self, h, w):
+        return self.kernel_size**2
+
+    def forward(self, q, k, v):
+        return neighborhood_attention(q, k, v, self.kernel_size, self.scale, self.backend)
+
+
+class ShiftedWindowAttention(GridAttention):
+    def __init__(self, window_size, shift=0, scale=1.0):
+        super().__init__()
+        self.window_size, self.shift, self.scale = window_size, shift, scale
+
+    def extra_repr(self):
+        return f"window_size={self.window_size}, shift={self.shift}"
+
+    def keys_per_query(self, h, w):
+        return self.window_size**2
+
+    def forward(self, q, k, v):
+        return shifted_window_attention(q, k, v, self.window_size, self.shift, self.scale)
