@@ -24,23 +24,26 @@ def warmup_factor(step, warmup):
     return 1.0 - warmup ** (step + 1)
 
 
-def lr_factor(step, sched_config):
-    """The multiplier on the base LR at optimizer step `step` (0-based), before the min_lr floor."""
+def decay_factor(step, sched_config):
+    """The schedule's multiplier on the base LR at optimizer step `step` (0-based), before warm-up."""
     kind = sched_config["type"]
     if kind == "constant":
-        decay = 1.0
-    elif kind == "inverse":
-        decay = (1.0 + step / sched_config["inv_gamma"]) ** -sched_config["power"]
-    elif kind == "exponential":
-        decay = sched_config["decay"] ** (step / sched_config["num_steps"])
-    else:
-        raise ValueError(f"unknown lr_sched type {kind!r}")
-    return warmup_factor(step, sched_config["warmup"]) * decay
+        return 1.0
+    if kind == "inverse":
+        return (1.0 + step / sched_config["inv_gamma"]) ** -sched_config["power"]
+    if kind == "exponential":
+        return sched_config["decay"] ** (step / sched_config["num_steps"])
+    raise ValueError(f"unknown lr_sched type {kind!r}")
+
+
+def scheduled_lr(base_lr, step, sched_config):
+    """k-diffusion's order: the decayed LR is floored at min_lr, then scaled by the warm-up."""
+    decayed = max(base_lr * decay_factor(step, sched_config), sched_config["min_lr"])
+    return warmup_factor(step, sched_config["warmup"]) * decayed
 
 
 def set_learning_rates(optimizer, base_lrs, step, sched_config):
     """Set each group's LR for this step; `base_lrs` are the groups' LRs before scheduling."""
-    factor = lr_factor(step, sched_config)
     for group, base_lr in zip(optimizer.param_groups, base_lrs):
-        group["lr"] = max(base_lr * factor, sched_config["min_lr"])
+        group["lr"] = scheduled_lr(base_lr, step, sched_config)
     return optimizer.param_groups[0]["lr"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hdiffusion.ema import ema_decay, ema_update
-from hdiffusion.optim import lr_factor, set_learning_rates
+from hdiffusion.optim import scheduled_lr, set_learning_rates
 
 EMA = {"type": "inverse", "power": 0.75, "inv_gamma": 1.0, "max_value": 0.999, "min_value": 0.0, "start_at": 0}
 
@@ -35,12 +35,15 @@ def schedule(**kwargs):
 
 
 def test_lr_schedules_closed_form():
-    assert lr_factor(123, schedule()) == 1.0
-    assert lr_factor(0, schedule(warmup=0.99)) == pytest.approx(0.01)
-    assert lr_factor(99, schedule(warmup=0.99)) == pytest.approx(1 - 0.99 ** 100)
-    assert lr_factor(20000, schedule(type="inverse")) == pytest.approx(0.5)
-    assert lr_factor(50000, schedule(type="exponential")) == pytest.approx(0.5)
-    assert lr_factor(25000, schedule(type="exponential")) == pytest.approx(math.sqrt(0.5))
+    assert scheduled_lr(2.0, 123, schedule()) == 2.0
+    assert scheduled_lr(1.0, 0, schedule(warmup=0.99)) == pytest.approx(0.01)
+    assert scheduled_lr(1.0, 99, schedule(warmup=0.99)) == pytest.approx(1 - 0.99 ** 100)
+    assert scheduled_lr(1.0, 20000, schedule(type="inverse")) == pytest.approx(0.5)
+    assert scheduled_lr(1.0, 50000, schedule(type="exponential")) == pytest.approx(0.5)
+    assert scheduled_lr(1.0, 25000, schedule(type="exponential")) == pytest.approx(math.sqrt(0.5))
+    # The floor applies before the warm-up, as in k-diffusion.
+    assert scheduled_lr(1.0, 0, schedule(type="inverse", min_lr=0.8, warmup=0.5)) == pytest.approx(0.5 * 1.0)
+    assert scheduled_lr(1.0, 20000, schedule(type="inverse", min_lr=0.8, warmup=0.5)) == pytest.approx(0.8)
 
 
 def test_set_learning_rates_scales_each_group_and_floors():
