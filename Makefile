@@ -15,6 +15,6 @@ test: $(VENV)/.installed
 	$(PYTHON) -m pytest
 
 quickstart: $(VENV)/.installed
-	$(PYTHON) train.py --config configs/quickstart_digits.json --name quickstart --end-step 1500 \
-		--batch-size 128 --demo-every 500 --save-every 500 --sample-n 100 --num-workers 0
+	$(PYTHON) train.py --config configs/quickstart_digits.json --name quickstart --end-step 2000 \
+		--batch-size 128 --demo-every 1000 --save-every 1000 --sample-n 100 --num-workers 0
 	$(PYTHON) sample.py --checkpoint runs/quickstart --n 64 --grid --out-dir runs/quickstart/samples

@@ -1,14 +1,16 @@
 """The training loop: one optimizer step at a time, with EMA, demo grids, metrics and checkpoints.
 
-Every random number of optimizer step t on process p (noise, noise levels, label dropout, dropout) comes from
-generators seeded by (seed, t, p), and the data order is a function of t alone (data.StepBatchSampler). So a
-run resumed from the checkpoint of step t continues exactly as if it had never stopped, without storing RNG
-states.
+A global batch is cut into chunks, one per (accumulation step, process). Every random number of chunk c of
+optimizer step t (noise, noise levels, label dropout, dropout) comes from generators seeded by (seed, t, c), and
+which images chunk c holds is a function of (t, c) alone (data.StepBatchSampler). So a run resumed from the
+checkpoint of step t continues exactly as if it had never stopped, without storing RNG states; and one process
+with 2 accumulation steps computes the same step as 2 processes with 1 (up to float summation order).
 """
 
 import copy
 import json
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -69,9 +71,9 @@ class TrainOptions:
 
 # Pure pieces of a step -----------------------------------------------------------------------------------
 
-def step_seed(seed, step, process_index):
-    """A well-mixed 63-bit seed for one (run seed, step, process)."""
-    return int(np.random.SeedSequence([seed, step, process_index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+def chunk_seed(seed, step, chunk):
+    """A well-mixed 63-bit seed for one (run seed, optimizer step, chunk of the global batch)."""
+    return int(np.random.SeedSequence([seed, step, chunk]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def drop_labels(labels, num_classes, rate, generator):
@@ -80,10 +82,10 @@ def drop_labels(labels, num_classes, rate, generator):
     return torch.where(drop, torch.full_like(labels, num_classes), labels)
 
 
-def diffusion_loss(denoiser, images, labels, density, group, groups, dataset_config, generator):
-    """Mean loss of one micro-batch: noise levels stratified over all micro-batches of the global batch."""
+def diffusion_loss(denoiser, images, labels, density, chunk, chunks, dataset_config, generator):
+    """Mean loss of one chunk: noise levels stratified over all chunks of the global batch."""
     noise = torch.randn(images.shape, generator=generator, device=images.device)
-    sigma = sample_sigmas(density, images.shape[0], group, groups, generator=generator, device=images.device)
+    sigma = sample_sigmas(density, images.shape[0], chunk, chunks, generator=generator, device=images.device)
     cond = {}
     if dataset_config["num_classes"]:
         cond["class_cond"] = drop_labels(labels, dataset_config["num_classes"], dataset_config["cond_dropout_rate"],
@@ -107,6 +109,17 @@ def model_differences(old, new, prefix="model"):
     """Keys whose values differ between two config sections, as dotted paths."""
     keys = sorted(set(old) | set(new))
     return [f"{prefix}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def flat_config(config, prefix=""):
+    """{'model.widths': '[256]', ...}: trackers (TensorBoard hparams) take only scalars and strings."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return flat
 
 
 def drop_metrics_after(metrics_file, step):
@@ -138,7 +151,9 @@ def train(options: TrainOptions) -> int:
     if options.lr is not None:
         config["optimizer"]["lr"] = options.lr
     run_dir = options.run_dir
-    accelerator = Accelerator(mixed_precision=options.mixed_precision,
+    # Several processes (torchrun / accelerate launch) and no GPU: Accelerate needs cpu=True to pick gloo.
+    multi_cpu = os.environ.get("LOCAL_RANK") is not None and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=multi_cpu, mixed_precision=options.mixed_precision,
                               log_with=list(options.log_with) or None, project_dir=str(run_dir))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     model_config, dataset_config = config["model"], config["dataset"]
@@ -202,7 +217,7 @@ def train(options: TrainOptions) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if options.log_with:
-            accelerator.init_trackers(options.wandb_project or options.name, config=config)
+            accelerator.init_trackers(options.wandb_project or options.name, config=flat_config(config))
     metrics_file = run_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         drop_metrics_after(metrics_file, start_step)
@@ -229,7 +244,7 @@ def train(options: TrainOptions) -> int:
         accelerator.print(f"already at step {start_step} >= --end-step {end_step}; nothing to do")
         return 0
     stop = SignalFlag()
-    groups = world * options.grad_accum_steps
+    chunks = world * options.grad_accum_steps
     progress = tqdm(initial=start_step, total=None if end_step == math.inf else end_step, unit="step",
                     disable=not (accelerator.is_main_process and options.progress), dynamic_ncols=True)
     step, loss_total, loss_count, images_since, timer = start_step, 0.0, 0, 0, time.perf_counter()
@@ -237,15 +252,15 @@ def train(options: TrainOptions) -> int:
     while step < end_step:
         # One optimizer step over grad_accum_steps micro-batches.
         lr = set_learning_rates(optimizer, base_lrs, step, config["lr_sched"])
-        seed = step_seed(options.seed, step, rank)
-        torch.manual_seed(seed)  # dropout
-        generator = torch.Generator(device).manual_seed(seed)
         for accum in range(options.grad_accum_steps):
             images, labels = (t.to(device, non_blocking=True) for t in next(batches))
+            chunk = accum * world + rank  # the order StepBatchSampler cuts the global batch in
+            seed = chunk_seed(options.seed, step, chunk)
+            torch.manual_seed(seed)  # dropout
+            generator = torch.Generator(device).manual_seed(seed)
             last = accum == options.grad_accum_steps - 1
             with nullcontext() if last else accelerator.no_sync(model):
-                loss = diffusion_loss(denoiser, images, labels, density, rank * options.grad_accum_steps + accum,
-                                      groups, dataset_config, generator)
+                loss = diffusion_loss(denoiser, images, labels, density, chunk, chunks, dataset_config, generator)
                 accelerator.backward(loss / options.grad_accum_steps)
             loss_total += loss.detach()
             loss_count += 1

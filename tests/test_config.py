@@ -373,3 +373,10 @@ def test_cli_markdown():
     result = run_cli("--markdown")
     assert result.returncode == 0
     assert result.stdout == schema_markdown()
+
+
+def test_config_reference_in_docs_is_current():
+    from hdiffusion.config import schema_markdown
+
+    reference = (Path(__file__).resolve().parents[1] / "docs" / "config_reference.md").read_text()
+    assert reference.strip() == schema_markdown().strip(), "regenerate: python -m hdiffusion.config --markdown"

@@ -143,3 +143,20 @@ def test_sample_is_reproducible_per_seed(reference_run, tmp_path):
 def test_sample_bad_input(args, message):
     result = run_script("sample.py", *args, check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_processes_equal_one_with_accumulation(reference_run, tmp_path):
+    """Under `accelerate launch` (gloo on CPU), 2 processes x 1 micro-batch compute the same steps as the
+    reference's 1 process x 2 accumulation steps: the global batch is cut into the same chunks either way."""
+    config_path, reference = reference_run
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"),
+               *map(str, train_args(config_path, tmp_path / "run", 12, "--save-every", 4))]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    expected, got = losses(reference), losses(tmp_path / "run")
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+    assert_same_state(reference / "checkpoints" / "step_00000012.safetensors",
+                      tmp_path / "run" / "checkpoints" / "step_00000012.safetensors")
