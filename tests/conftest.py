@@ -1,11 +1,22 @@
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"  # real data beside the project; tests only, never the product
+
+def _shared_data():
+    """Real data beside the project (../shared/data; tests only, never the product)."""
+    candidates = [os.environ.get("HDIFFUSION_SHARED_DATA"), ROOT.parent / "shared" / "data", "/work/shared/data"]
+    for candidate in filter(None, candidates):
+        if Path(candidate, "MNIST").is_dir():
+            return Path(candidate)
+    return ROOT.parent / "shared" / "data"  # tests that need it fail naming this path
+
+
+SHARED_DATA = _shared_data()
 
 
 def tiny_config(**dataset):

@@ -160,3 +160,21 @@ def test_two_processes_equal_one_with_accumulation(reference_run, tmp_path):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
     assert_same_state(reference / "checkpoints" / "step_00000012.safetensors",
                       tmp_path / "run" / "checkpoints" / "step_00000012.safetensors")
+
+
+def test_summary_cli_prints_params_and_gmac():
+    result = subprocess.run([sys.executable, "-m", "hdiffusion.summary", "--config", "configs/in128_E.json"],
+                            cwd=ROOT, capture_output=True, text=True, check=True)
+    summary = json.loads(result.stdout)
+    assert summary["params"] == pytest.approx(117.0e6, rel=0.01)
+    assert summary["gmac"] == pytest.approx(31.4, rel=0.01)  # HDiT paper, ablation model E
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "missing.json"], "missing.json: no such file"),
+    (["--config", "configs/mnist_transformer.json", "--resume", "nowhere"], "nowhere: no such checkpoint file"),
+])
+def test_train_bad_input_exits_2_without_traceback(args, message, tmp_path):
+    result = run_script("train.py", *args, "--out-dir", tmp_path / "run", "--no-progress", check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
