@@ -17,7 +17,7 @@ RUN=/tmp/runs/mnist
 export PYTHONUNBUFFERED=1
 python3 train.py --config configs/mnist_transformer.json --out-dir $RUN --batch-size 256 --mixed-precision bf16 \
   --end-step 4000 --save-every 4000 --demo-every 1000 --sample-n 100 --log-every 100 --num-workers 12 \
-  --no-progress 2>&1 | tee "$OUT/train_log.txt"
+  --no-progress ${EXTRA_ARGS:-} 2>&1 | tee "$OUT/train_log.txt"
 python3 sample.py --checkpoint $RUN --n 100 --batch-size 100 --grid --out-dir /tmp/samples --precision bf16 \
   2>&1 | tee -a "$OUT/train_log.txt"
 cp $RUN/metrics.jsonl $RUN/demo_00004000.png $RUN/demo_00001000.png "$OUT/"

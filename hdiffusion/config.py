@@ -449,8 +449,9 @@ class _ImageTransformerV2:
         if problems.ok(at + ("d_ffs",)) and model["d_ffs"] is None:
             model["d_ffs"] = [3 * width for width in widths]
         if problems.ok(at + ("self_attns",)) and model["self_attns"] is None:
-            neighborhood = {"type": "neighborhood", "d_head": 64, "kernel_size": 7}
-            model["self_attns"] = [dict(neighborhood) for _ in widths[:-1]] + [{"type": "global", "d_head": 64}]
+            neighborhood = {"type": "neighborhood", "d_head": 64, "kernel_size": 7, "backend": "auto"}
+            global_ = {"type": "global", "d_head": 64, "backend": "auto"}
+            model["self_attns"] = [dict(neighborhood) for _ in widths[:-1]] + [global_]
         if problems.ok(at + ("dropout_rate",)) and not isinstance(model["dropout_rate"], list):
             model["dropout_rate"] = [model["dropout_rate"]] * len(widths)
 

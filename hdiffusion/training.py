@@ -30,7 +30,7 @@ from .ema import ema_decay, ema_update
 from .errors import UsageError
 from .flops import count_macs
 from .images import make_grid
-from .models import make_model
+from .models import compile_blocks, make_model
 from .noise import get_sigmas_karras, make_sigma_density, sample_sigmas
 from .optim import make_optimizer, set_learning_rates
 from .sampling import sample_dpmpp_2m
@@ -105,8 +105,16 @@ def sample_demo(denoiser, config, n, steps, seed, device):
     return sample_dpmpp_2m(denoiser, x, sigmas, extra_args=extra_args, disable=True)
 
 
+def weight_defining(model_config):
+    """The model section without the keys that change how it runs but not its weights."""
+    model_config = {k: v for k, v in model_config.items() if k != "checkpointing"}
+    model_config["self_attns"] = [{k: v for k, v in attn.items() if k != "backend"} for attn in model_config["self_attns"]]
+    return model_config
+
+
 def model_differences(old, new, prefix="model"):
-    """Keys whose values differ between two config sections, as dotted paths."""
+    """Keys whose weight-defining values differ between two model sections, as dotted paths."""
+    old, new = weight_defining(old), weight_defining(new)
     keys = sorted(set(old) | set(new))
     return [f"{prefix}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
@@ -205,7 +213,7 @@ def train(options: TrainOptions) -> int:
     inner_model = model
     model, optimizer = accelerator.prepare(model, optimizer)
     if options.compile:
-        model = torch.compile(model)
+        compile_blocks(inner_model)  # in place, so the DDP wrapper runs the compiled layers
     ema_model.to(device)
     denoiser_args = dict(sigma_data=model_config["sigma_data"], weighting=model_config["loss_weighting"],
                          soft_min_snr_gamma=model_config["soft_min_snr_gamma"])

@@ -7,6 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 def _shared_data():
     """Real data beside the project (../shared/data; tests only, never the product)."""
     candidates = [os.environ.get("HDIFFUSION_SHARED_DATA"), ROOT.parent / "shared" / "data", "/work/shared/data"]
@@ -20,7 +21,7 @@ SHARED_DATA = _shared_data()
 
 
 def tiny_config(**dataset):
-    """A 3k-parameter class-conditional HDiT on 8x8 gray images: runs a training step in milliseconds."""
+    """A 66k-parameter class-conditional HDiT on 8x8 gray images: runs a training step in milliseconds."""
     return {
         "model": {
             "type": "image_transformer_v2", "input_channels": 1, "input_size": [8, 8], "patch_size": [2, 2],

@@ -93,6 +93,17 @@ def test_natten_matches_reference(h, w, kernel_size):
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("h, w, kernel_size", [(16, 32, 7), (16, 16, 13), (8, 16, 3), (9, 11, 5), (12, 8, 7)])
+def test_flex_matches_reference(h, w, kernel_size):
+    """FlexAttention over 2-D tiles (16x32, 16x16, 8x16 tile; the rest run row-major) equals the reference.
+    On CPU flex_attention has no backward; the GPU benchmark checks gradients (benchmarks/check_gpu.py)."""
+    q, k, v = qkv(2, h, w, 2, 16, seed=3)
+    with torch.no_grad():
+        expected = neighborhood_attention(q, k, v, kernel_size, backend="reference")
+        actual = neighborhood_attention(q, k, v, kernel_size, backend="flex")
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_natten_matches_reference_with_cosine_sim_scale():
     """The HDiT case: unit q, k times sqrt(10), softmax scale 1.0."""
     pytest.importorskip("natten")

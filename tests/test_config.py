@@ -107,7 +107,7 @@ def test_mnist_transformer_fully_defaulted():
     assert config == {
         "model": {
             "type": "image_transformer_v2", "input_channels": 1, "input_size": [28, 28], "patch_size": [4, 4],
-            "widths": [256], "depths": [8], "d_ffs": [768], "self_attns": [{"type": "global", "d_head": 64}],
+            "widths": [256], "depths": [8], "d_ffs": [768], "self_attns": [{"type": "global", "d_head": 64, "backend": "auto"}],
             "dropout_rate": [0.05],
             "mapping_width": 256, "mapping_depth": 2, "mapping_d_ff": 768, "mapping_cond_dim": 0,
             "mapping_dropout_rate": 0.0, "checkpointing": False,
@@ -141,7 +141,8 @@ def test_k_diffusion_configs_get_k_diffusion_defaults(name):
     assert model["soft_min_snr_gamma"] == pytest.approx(model["sigma_data"] ** -2)
     assert len(model["dropout_rate"]) == len(model["widths"])
     for given, filled in zip(raw["model"].get("self_attns", []), model["self_attns"]):
-        assert filled == given
+        expected = dict(given, backend="auto") if given["type"] in ("global", "neighborhood") else given
+        assert filled == expected
     density = model["sigma_sample_density"]
     size = max(raw["model"]["input_size"])
     assert density == {"type": "cosine-interpolated", "image_d": size, "noise_d_low": 32, "noise_d_high": size,
@@ -153,9 +154,9 @@ def test_default_self_attns_are_neighborhood_then_global():
     config = validate_config(edited({"model.widths": [128, 256, 256], "model.depths": [1, 1, 1],
                                      "model.input_size": 64}), "test")
     assert config["model"]["self_attns"] == [
-        {"type": "neighborhood", "d_head": 64, "kernel_size": 7},
-        {"type": "neighborhood", "d_head": 64, "kernel_size": 7},
-        {"type": "global", "d_head": 64},
+        {"type": "neighborhood", "d_head": 64, "kernel_size": 7, "backend": "auto"},
+        {"type": "neighborhood", "d_head": 64, "kernel_size": 7, "backend": "auto"},
+        {"type": "global", "d_head": 64, "backend": "auto"},
     ]
     assert config["model"]["input_size"] == [64, 64]
 
@@ -232,7 +233,7 @@ BAD = {
         "model.self_attns[0].kernel_sise: unknown key (did you mean 'kernel_size'?)"),
     "key of another self_attn type": (
         {"model.self_attns": [{"type": "neighborhood"}, {"type": "global", "kernel_size": 7}]},
-        "model.self_attns[1].kernel_size: unknown key (allowed: 'type', 'd_head')"),
+        "model.self_attns[1].kernel_size: unknown key (allowed: 'type', 'd_head', 'backend')"),
     "below minimum": (
         {"model.depths": [0, 2]}, "model.depths[0]: expected an integer >= 1, got 0"),
     "above exclusive maximum": (

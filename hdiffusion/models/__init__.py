@@ -56,3 +56,22 @@ def make_model(model_config, num_classes):
         return MODELS[model_type](model_config, num_classes)
     except ValueError as error:  # the architecture rejects the configured shapes: a config error
         raise UsageError(f"model: {error}") from error
+
+
+def compile_blocks(model):
+    """Regional compilation: torch.compile each transformer layer in place, not the whole model.
+
+    Identical layers share one compiled graph, so compile time grows with the number of distinct layer shapes
+    rather than with depth, and the code between layers stays eager. Each distinct shape is one more entry in
+    dynamo's cache of the shared forward; the limit is raised so that deep hierarchies do not fall back to eager.
+    """
+    import torch
+
+    from .hdit import TransformerLayer
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
+    for module in model.modules():
+        if isinstance(module, TransformerLayer):
+            module.compile(dynamic=False)
+    return model

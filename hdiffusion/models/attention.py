@@ -6,7 +6,8 @@ q and k already carry the learned temperature, hence the default 1.0.
 
 Optional accelerators are imported lazily and only used where they support the case:
 - global: flash-attn (CUDA, fp16/bf16), else F.scaled_dot_product_attention;
-- neighborhood: natten.na2d (natten >= 0.20), else SDPA with the neighborhood as a boolean mask.
+- neighborhood: on CUDA, FlexAttention (compiled) with a block-sparse mask over tokens reordered into 2-D tiles;
+  else natten.na2d (natten >= 0.20) where it can run; else SDPA with the neighborhood as a boolean mask.
 The modules at the bottom wrap one kind each for the models; `hdiffusion.flops` counts them analytically.
 """
 
@@ -110,19 +111,24 @@ def neighborhood_attention_reference(q, k, v, kernel_size, scale=1.0):
     return _sdpa_over_grid(q, k, v, neighborhood_mask(h, w, kernel_size, q.device), scale)
 
 
-def neighborhood_attention(q, k, v, kernel_size, scale=1.0, backend="auto"):
-    """Each query attends to the kernel_size x kernel_size keys around it. backend: "auto" | "natten" | "reference".
+NEIGHBORHOOD_BACKENDS = ("auto", "flex", "natten", "reference")
 
-    "auto" uses natten where it can run: it is installed, the tensors are on CPU or CUDA, and, on CPU, no gradient
-    is needed (natten has no CPU backward). If natten finds no kernel for the case (NotImplementedError), the
-    reference runs instead.
+
+def neighborhood_attention(q, k, v, kernel_size, scale=1.0, backend="auto"):
+    """Each query attends to the kernel_size x kernel_size keys around it.
+
+    backend: "auto" | "flex" | "natten" | "reference". "auto" uses FlexAttention on CUDA; elsewhere natten where it
+    can run (installed, and on CPU only without gradients: natten has no CPU backward; a NotImplementedError from
+    natten falls through), else the reference.
     """
-    if backend not in ("auto", "natten", "reference"):
-        raise ValueError(f"neighborhood attention backend must be 'auto', 'natten' or 'reference', got {backend!r}")
+    if backend not in NEIGHBORHOOD_BACKENDS:
+        raise ValueError(f"neighborhood attention backend must be one of {NEIGHBORHOOD_BACKENDS}, got {backend!r}")
     n, h, w, heads, d = q.shape
     check_neighborhood_fits(h, w, kernel_size)
     if backend == "reference":
         return neighborhood_attention_reference(q, k, v, kernel_size, scale)
+    if backend == "flex" or (backend == "auto" and q.is_cuda):
+        return neighborhood_attention_flex(q, k, v, kernel_size, scale)
     natten = _natten()
     if backend == "natten":
         if natten is None:
@@ -141,6 +147,66 @@ def _na2d(natten, q, k, v, kernel_size, scale):
     # q, k, v are often strided views of one qkv projection; natten's fused kernels want dense tensors.
     q, k, v = (t.contiguous() for t in (q, k, v))
     return natten.na2d(q, k, v, kernel_size, scale=scale)
+
+
+# FlexAttention neighborhood: FlexAttention (Dong et al. 2024) computes attention block by block and skips the
+# blocks its block mask marks empty. In row-major token order a block of 128 queries is a thin strip of rows whose
+# neighborhoods touch many key blocks; reordering tokens into 2-D tiles of 8 x 16 makes each query block a
+# compact patch whose neighbors lie in a few key tiles, so most blocks are skipped.
+
+FLEX_TILE = (8, 16)
+
+
+def _tile_shape(h, w):
+    th, tw = FLEX_TILE
+    return (th, tw) if h % th == 0 and w % tw == 0 else (1, w)  # row-major when the grid does not tile
+
+
+def _tile_coords(index, w, tile):
+    """(row, col) on the grid of the token at `index` in tiled order."""
+    th, tw = tile
+    tile_index, within = index // (th * tw), index % (th * tw)
+    return (tile_index // (w // tw)) * th + within // tw, (tile_index % (w // tw)) * tw + within % tw
+
+
+@torch.compiler.disable  # built once per grid and cached, outside any compiled region
+@functools.lru_cache(maxsize=32)
+def neighborhood_block_mask(h, w, kernel_size, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    tile = _tile_shape(h, w)
+
+    def mask_mod(batch, head, q_index, kv_index):
+        q_row, q_col = _tile_coords(q_index, w, tile)
+        kv_row, kv_col = _tile_coords(kv_index, w, tile)
+        row_start = (q_row - kernel_size // 2).clamp(0, h - kernel_size)
+        col_start = (q_col - kernel_size // 2).clamp(0, w - kernel_size)
+        return ((kv_row >= row_start) & (kv_row < row_start + kernel_size)
+                & (kv_col >= col_start) & (kv_col < col_start + kernel_size))
+
+    with torch.inference_mode(False):
+        return create_block_mask(mask_mod, None, None, h * w, h * w, device=device)
+
+
+@functools.cache
+def _flex_attention(compiled):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Uncompiled, flex_attention runs a slow dense reference; compiled, it is one fused block-sparse kernel.
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+def neighborhood_attention_flex(q, k, v, kernel_size, scale=1.0):
+    """Neighborhood attention through FlexAttention over tiled tokens (compiled on CUDA; CPU: forward only)."""
+    n, h, w, heads, d = q.shape
+    th, tw = _tile_shape(h, w)
+
+    def to_tiles(t):  # [N, H, W, heads, d] -> [N, heads, tiles * th * tw, d]
+        return t.view(n, h // th, th, w // tw, tw, heads, d).permute(0, 5, 1, 3, 2, 4, 6).reshape(n, heads, h * w, d)
+
+    block_mask = neighborhood_block_mask(h, w, kernel_size, q.device)
+    x = _flex_attention(q.is_cuda)(to_tiles(q), to_tiles(k), to_tiles(v), block_mask=block_mask, scale=scale)
+    return x.view(n, heads, h // th, w // tw, th, tw, d).permute(0, 2, 4, 3, 5, 1, 6).reshape(n, h, w, heads, d)
 
 
 # Shifted-window attention (Swin, Liu et al. 2021)

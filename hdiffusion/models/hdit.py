@@ -63,9 +63,9 @@ def make_attention(spec, layer_index):
     """The attention op of one layer, or None for feed-forward-only levels."""
     kind = spec["type"]
     if kind == "global":
-        return GlobalAttention()
+        return GlobalAttention(backend=spec.get("backend", "auto"))
     if kind == "neighborhood":
-        return NeighborhoodAttention(spec["kernel_size"])
+        return NeighborhoodAttention(spec["kernel_size"], backend=spec.get("backend", "auto"))
     if kind == "shifted-window":
         # Layers alternate plain and half-shifted windows so that information crosses window borders (Swin).
         shift = spec["window_size"] // 2 if layer_index % 2 else 0
