@@ -57,6 +57,11 @@ def bench_case(name, args):
     config_path, batch, overrides = CASES[name]
     config = load_config(ROOT / config_path)
     config["model"].update(overrides)
+    return bench_config(name, config, batch, args)
+
+
+def bench_config(name, config, batch, args, forward=True):
+    """Time training steps (and, with forward=True, sampling forwards) of one validated config."""
     if args.na_backend:
         set_na_backend(config, args.na_backend)
     model_config, num_classes = config["model"], config["dataset"]["num_classes"]
@@ -102,6 +107,8 @@ def bench_case(name, args):
     optimizer.zero_grad(set_to_none=True)
     del optimizer
     torch.cuda.empty_cache()
+    if not forward:
+        return record
 
     fwd_images = torch.randn(2 * batch, *shape, device="cuda")
     fwd_cond = {"class_cond": torch.randint(num_classes, (2 * batch,), device="cuda")} if num_classes else {}
