@@ -11,7 +11,6 @@ square of the token count. Batches keep batch x pixels constant. The number to r
 """
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import bench_config  # noqa: E402
+from bench_train import bench_config, emit, error_text  # noqa: E402
 
 from hdiffusion.config import validate_config  # noqa: E402
 
@@ -67,14 +66,9 @@ def main():
                 record = bench_config(name, validate_config(make(resolution), name), batch, args, forward=False)
                 if isinstance(record.get("train_img_s"), float):
                     record["ms_per_img_per_mpix"] = round(1000 / record["train_img_s"] / (resolution**2 / 1e6), 3)
-            except Exception as error:
-                record = {"case": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
-            record.update(family=family, resolution=resolution)
-            line = json.dumps(record)
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(line + "\n")
+            except Exception as error:  # one broken case must not hide the others' numbers
+                record = {"case": name, "error": error_text(error)}
+            emit(dict(record, family=family, resolution=resolution), args.out)
 
 
 if __name__ == "__main__":

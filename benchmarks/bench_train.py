@@ -129,6 +129,19 @@ def bench_config(name, config, batch, args, forward=True):
     return record
 
 
+def error_text(error):
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+
+
+def emit(record, out=None):
+    """Print one JSON line, and append it to `out` when given."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
