@@ -11,7 +11,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name --format=csv,noheader
+nvidia-smi --query-gpu=name --format=csv,noheader; nvidia-smi topo -m || true
 python3 benchmarks/make_random_imagefolder.py data/imagenet128 --classes 1000 --per-class 40 --size 128
 for N in 1 2; do
   MULTI=$([ "$N" -gt 1 ] && echo --multi_gpu || true)

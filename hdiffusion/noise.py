@@ -192,14 +192,65 @@ def sample_sigmas(density, n, group=0, groups=1, generator=None, device=None, dt
     return density(u.clamp(_U_EPS, 1 - _U_EPS)).to(dtype)
 
 
-def get_sigmas_karras(n, sigma_min, sigma_max, rho=7.0, device=None, dtype=torch.float32):
-    """The Karras et al. 2022 sampling schedule (eq. 5): n sigmas from sigma_max down to sigma_min, evenly
-    spaced in sigma^(1/rho), followed by a final 0 (n + 1 entries)."""
+def _check_schedule(n, sigma_min, sigma_max):
     if int(n) != n or n < 1:
         raise ValueError(f"n must be a positive integer, got {n}")
     if not 0 < sigma_min <= sigma_max:
         raise ValueError(f"need 0 < sigma_min <= sigma_max, got {sigma_min} and {sigma_max}")
-    ramp = torch.linspace(0, 1, int(n), dtype=torch.float64, device=device)
-    inv_rho_max, inv_rho_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    sigmas = (inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho
+    return int(n)
+
+
+def _append_zero(sigmas, dtype):
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
+
+
+def get_sigmas_karras(n, sigma_min, sigma_max, rho=7.0, device=None, dtype=torch.float32):
+    """The Karras et al. 2022 sampling schedule (eq. 5): n sigmas from sigma_max down to sigma_min, evenly
+    spaced in sigma^(1/rho), followed by a final 0 (n + 1 entries)."""
+    n = _check_schedule(n, sigma_min, sigma_max)
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64, device=device)
+    inv_rho_max, inv_rho_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return _append_zero((inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho, dtype)
+
+
+def get_sigmas_exponential(n, sigma_min, sigma_max, device=None, dtype=torch.float32):
+    """n sigmas evenly spaced in log(sigma) from sigma_max to sigma_min, then 0: even steps in DPM-Solver's
+    lambda = -log(sigma) (Lu et al. 2022's "logSNR" schedule)."""
+    n = _check_schedule(n, sigma_min, sigma_max)
+    log_sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64, device=device)
+    return _append_zero(log_sigmas.exp(), dtype)
+
+
+def get_sigmas_polyexponential(n, sigma_min, sigma_max, rho=1.0, device=None, dtype=torch.float32):
+    """k-diffusion's polyexponential schedule: log(sigma) = log(sigma_min) + ramp^rho (log(sigma_max) -
+    log(sigma_min)) with ramp from 1 to 0, then 0. rho = 1 is the exponential schedule; rho > 1 puts more steps
+    at low noise."""
+    n = _check_schedule(n, sigma_min, sigma_max)
+    ramp = torch.linspace(1, 0, n, dtype=torch.float64, device=device) ** rho
+    return _append_zero(torch.exp(math.log(sigma_min) + ramp * (math.log(sigma_max) - math.log(sigma_min))), dtype)
+
+
+def get_sigmas_vp(n, sigma_min, sigma_max, beta_d=19.9, beta_min=0.1, device=None, dtype=torch.float32):
+    """The VP schedule: n steps evenly spaced in the time t of the VP SDE, sigma(t) = sqrt(exp(beta_d t^2 / 2 +
+    beta_min t) - 1) (Song et al. 2021; Karras et al. 2022, Table 1), then 0. The defaults are the continuous
+    form of DDPM's linear betas (1e-4 to 0.02 over 1000 steps), so this is DDIM's uniform timestep spacing.
+
+    t runs between the times of sigma_max and sigma_min, sigma^-1(s) = (sqrt(beta_min^2 + 2 beta_d log(1 + s^2))
+    - beta_min) / beta_d, so the schedule keeps the model's range; k-diffusion's get_sigmas_vp (t from 1 to
+    1e-3) is the range sigma(1e-3) ~ 0.01 to sigma(1) ~ 152."""
+    n = _check_schedule(n, sigma_min, sigma_max)
+
+    def t_of(sigma):
+        return (math.sqrt(beta_min**2 + 2 * beta_d * math.log1p(sigma**2)) - beta_min) / beta_d
+
+    t = torch.linspace(t_of(sigma_max), t_of(sigma_min), n, dtype=torch.float64, device=device)
+    return _append_zero(torch.expm1(beta_d * t**2 / 2 + beta_min * t).sqrt(), dtype)
+
+
+# name -> schedule(n, sigma_min, sigma_max, device=None, dtype=torch.float32, **options): n + 1 sigmas ending in 0.
+SCHEDULES = {
+    "karras": get_sigmas_karras,
+    "exponential": get_sigmas_exponential,
+    "polyexponential": get_sigmas_polyexponential,
+    "vp": get_sigmas_vp,
+}

@@ -124,27 +124,6 @@ def test_changed_model_is_refused_on_resume(reference_run, tmp_path, write_confi
     assert "model.widths: [32, 32] -> [48, 48]" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_sample_is_reproducible_per_seed(reference_run, tmp_path):
-    _, reference = reference_run
-    run_script("sample.py", "--checkpoint", reference, "--n", 4, "--batch-size", 4, "--steps", 3,
-               "--out-dir", tmp_path / "a", "--grid", "--no-progress")
-    run_script("sample.py", "--checkpoint", reference / "ema.safetensors", "--n", 2, "--seed", 2, "--batch-size",
-               1, "--steps", 3, "--out-dir", tmp_path / "b", "--no-progress")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
-        "grid.png", "seed000000.png", "seed000001.png", "seed000002.png", "seed000003.png"]
-    for name in ["seed000002.png", "seed000003.png"]:  # same seed, other batch size and file: same image
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--checkpoint", "missing.safetensors"], "missing.safetensors: no such checkpoint file"),
-    (["--checkpoint", "README.md"], "README.md: not a readable safetensors checkpoint"),
-])
-def test_sample_bad_input(args, message):
-    result = run_script("sample.py", *args, check=False)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
-
-
 def test_two_processes_equal_one_with_accumulation(reference_run, tmp_path):
     """Under `accelerate launch` (gloo on CPU), 2 processes x 1 micro-batch compute the same steps as the
     reference's 1 process x 2 accumulation steps: the global batch is cut into the same chunks either way."""

@@ -1,0 +1,197 @@
+"""sample.py end to end on CPU: seeds, samplers, classes, guidance, grids, two processes, bad input."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from conftest import ROOT, run_script, tiny_config
+from hdiffusion.sampling import SAMPLERS
+
+
+def load_sample_cli():
+    spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sample_cli = load_sample_cli()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny class-conditional model (10 classes) after 4 training steps."""
+    tmp = tmp_path_factory.mktemp("run")
+    config_path = tmp / "config.json"
+    config_path.write_text(json.dumps(tiny_config()))
+    run_script("train.py", "--config", config_path, "--out-dir", tmp / "run", "--end-step", 4, "--batch-size", 16,
+               "--demo-every", 0, "--num-workers", 0, "--no-progress", "--seed", 7)
+    return tmp / "run"
+
+
+def sample(capsys, *args):
+    """Run sample.py in this process; returns (exit code, stdout, stderr)."""
+    code = sample_cli.main([str(a) for a in args] + ["--no-progress"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def pngs(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("seed*.png"))}
+
+
+def test_sample_is_reproducible_per_seed(run_dir, tmp_path):
+    # As a script: a run folder and its EMA inference file, other batch sizes, the same images per seed.
+    run_script("sample.py", "--checkpoint", run_dir, "--n", 4, "--batch-size", 4, "--steps", 3,
+               "--out-dir", tmp_path / "a", "--grid", "--no-progress")
+    run_script("sample.py", "--checkpoint", run_dir / "ema.safetensors", "--n", 2, "--seed", 2, "--batch-size",
+               1, "--steps", 3, "--out-dir", tmp_path / "b", "--no-progress")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "grid.png", "seed000000.png", "seed000001.png", "seed000002.png", "seed000003.png"]
+    for name in ["seed000002.png", "seed000003.png"]:  # same seed, other batch size and file: same image
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_sampler_names_match_the_package():
+    assert sample_cli.SAMPLER_NAMES == list(SAMPLERS)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_gives_each_seed_its_image_whatever_the_batch(run_dir, tmp_path, capsys, sampler):
+    common = ["--checkpoint", run_dir, "--sampler", sampler, "--steps", 4, "--seeds", "3,0,7"]
+    assert sample(capsys, *common, "--batch-size", 3, "--out-dir", tmp_path / "a")[0] == 0
+    assert sample(capsys, *common, "--batch-size", 2, "--out-dir", tmp_path / "b")[0] == 0
+    a, b = pngs(tmp_path / "a"), pngs(tmp_path / "b")
+    assert list(a) == ["seed000000.png", "seed000003.png", "seed000007.png"] and a == b
+    assert len(set(a.values())) == 3
+
+
+def test_seed_lists_and_ranges(run_dir, tmp_path, capsys):
+    code, out, _ = sample(capsys, "--checkpoint", run_dir, "--seeds", "0-2,10,20-21", "--steps", 2,
+                          "--out-dir", tmp_path / "a")
+    assert code == 0 and "6 images" in out
+    assert list(pngs(tmp_path / "a")) == [f"seed{s:06d}.png" for s in (0, 1, 2, 10, 20, 21)]
+    # --seed S --n N is S..S+N-1; --seeds wins over both.
+    sample(capsys, "--checkpoint", run_dir, "--seed", 20, "--n", 2, "--steps", 2, "--out-dir", tmp_path / "b")
+    sample(capsys, "--checkpoint", run_dir, "--seeds", "21", "--seed", 5, "--n", 9, "--steps", 2,
+           "--out-dir", tmp_path / "c")
+    a, b, c = pngs(tmp_path / "a"), pngs(tmp_path / "b"), pngs(tmp_path / "c")
+    assert b == {name: a[name] for name in ["seed000020.png", "seed000021.png"]}
+    assert c == {"seed000021.png": a["seed000021.png"]}
+
+
+def test_grids(run_dir, tmp_path, capsys):
+    code, out, _ = sample(capsys, "--checkpoint", run_dir, "--seeds", "0-4", "--steps", 2, "--grid", "2x2",
+                          "--out-dir", tmp_path / "a")
+    assert code == 0 and "grid.png" in out
+    grid = np.asarray(Image.open(tmp_path / "a" / "grid.png"))
+    assert grid.shape[:2] == (2 * 10 + 2, 2 * 10 + 2)  # 8x8 images with 2-pixel borders
+    tiles = [grid[2:10, 2:10], grid[2:10, 12:20], grid[12:20, 2:10], grid[12:20, 12:20]]
+    for seed, tile in enumerate(tiles):  # row by row, in seed order
+        image = np.asarray(Image.open(tmp_path / "a" / f"seed{seed:06d}.png"))
+        assert np.array_equal(tile.reshape(8, 8, -1)[..., 0], image)
+    sample(capsys, "--checkpoint", run_dir, "--seeds", "0-4", "--steps", 2, "--grid", "--out-dir", tmp_path / "b")
+    assert np.asarray(Image.open(tmp_path / "b" / "grid.png")).shape[:2] == (2 * 10 + 2, 3 * 10 + 2)
+
+
+def test_classes_and_guidance(run_dir, tmp_path, capsys):
+    common = ["--checkpoint", run_dir, "--seeds", "0-3", "--steps", 3]
+    code, out, _ = sample(capsys, *common, "--out-dir", tmp_path / "random")
+    assert code == 0 and "random class per seed" in out
+    code, out, _ = sample(capsys, *common, "--class", 3, "--out-dir", tmp_path / "class")
+    assert code == 0 and "class 3" in out
+    sample(capsys, *common, "--classes", "3", "--out-dir", tmp_path / "classes")
+    assert pngs(tmp_path / "class") == pngs(tmp_path / "classes")
+    assert pngs(tmp_path / "class") != pngs(tmp_path / "random")
+    code, out, _ = sample(capsys, *common, "--class", 3, "--cfg-scale", 3, "--out-dir", tmp_path / "guided")
+    assert code == 0 and "guidance scale 3" in out
+    assert pngs(tmp_path / "guided") != pngs(tmp_path / "class")
+    # An interval that no step reaches is no guidance at all.
+    code, out, _ = sample(capsys, *common, "--class", 3, "--cfg-scale", 3, "--cfg-interval", "1000,2000",
+                          "--out-dir", tmp_path / "never")
+    assert code == 0 and "for sigma in [1000, 2000]" in out
+    assert pngs(tmp_path / "never") == pngs(tmp_path / "class")
+
+
+def test_sampler_options_schedules_and_precision(run_dir, tmp_path, capsys):
+    common = ["--checkpoint", run_dir, "--seeds", "0-1", "--steps", 3]
+    runs = {
+        "eta0": ["--sampler", "euler_ancestral", "--eta", 0],
+        "euler": ["--sampler", "euler"],
+        "churn": ["--sampler", "euler", "--churn", 10],
+        "exponential": ["--schedule", "exponential", "--sigma-min", 0.05, "--sigma-max", 20],
+        "polyexponential": ["--schedule", "polyexponential", "--rho", 1, "--sigma-min", 0.05, "--sigma-max", 20],
+        "vp": ["--schedule", "vp"],
+        "bf16": ["--precision", "bf16"],
+        "raw": ["--no-ema"],
+    }
+    for name, args in runs.items():
+        code, out, err = sample(capsys, *common, *args, "--out-dir", tmp_path / name)
+        assert code == 0, (name, err)
+        assert len(pngs(tmp_path / name)) == 2
+    assert pngs(tmp_path / "eta0") == pngs(tmp_path / "euler") != pngs(tmp_path / "churn")
+    assert pngs(tmp_path / "exponential") == pngs(tmp_path / "polyexponential")
+
+
+def test_two_processes_write_the_same_files_as_one(run_dir, tmp_path, capsys):
+    args = ["--checkpoint", run_dir, "--seeds", "0-4", "--batch-size", 2, "--steps", 3, "--sampler", "dpmpp_2m_sde",
+            "--grid", "--no-progress"]
+    assert sample(capsys, *args, "--out-dir", tmp_path / "one")[0] == 0
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "sample.py"),
+               *map(str, args), "--out-dir", str(tmp_path / "two")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes" in result.stdout and result.stdout.count("wrote 5 images") == 1
+    one, two = pngs(tmp_path / "one"), pngs(tmp_path / "two")
+    assert len(one) == 5 and one == two
+    assert (tmp_path / "one" / "grid.png").read_bytes() == (tmp_path / "two" / "grid.png").read_bytes()
+
+
+@pytest.fixture
+def foreign_checkpoint(tmp_path):
+    path = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "missing.safetensors"], "missing.safetensors: no such checkpoint file"),
+    (["--checkpoint", "README.md"], "README.md: not a readable safetensors checkpoint"),
+    (["--checkpoint", "FOREIGN"], "not an hdiffusion checkpoint"),
+    (["--checkpoint", "RUN", "--sampler", "dpm_3"], "unknown sampler 'dpm_3'; expected one of euler,"),
+    (["--checkpoint", "RUN", "--class", 10], "class 10 is out of range: this model has 10 classes (0 to 9)"),
+    (["--checkpoint", "RUN", "--classes", "1,x"], "--classes '1,x': expected class numbers"),
+    (["--checkpoint", "RUN", "--seeds", "0-"], "--seeds '0-': '0-' is not a seed or a range like 0-63"),
+    (["--checkpoint", "RUN", "--seeds", "5-2"], "the range 5-2 runs backwards"),
+    (["--checkpoint", "RUN", "--seeds", "1,2,1"], "seed 1 appears more than once"),
+    (["--checkpoint", "RUN", "--seeds", "0-3", "--grid", "3x2"], "--grid 3x2: needs 6 images, but only 4"),
+    (["--checkpoint", "RUN", "--grid", "8by8"], "--grid '8by8': expected COLUMNSxROWS"),
+    (["--checkpoint", "RUN", "--schedule", "cosine"], "unknown schedule 'cosine'"),
+    (["--checkpoint", "RUN", "--schedule", "vp", "--rho", 3], "--rho applies to the karras and polyexponential"),
+    (["--checkpoint", "RUN", "--sigma-min", 5, "--sigma-max", 1], "need 0 < sigma_min <= sigma_max"),
+    (["--checkpoint", "RUN", "--eta", 0.5], "--eta applies to euler_ancestral, dpm_2_ancestral"),
+    (["--checkpoint", "RUN", "--cfg-interval", "2"], "--cfg-interval '2': expected two noise levels"),
+    (["--checkpoint", "RUN", "--steps", 0], "--steps must be at least 1"),
+    (["--checkpoint", "RUN", "--steps", "many"], "argument --steps: invalid int value"),
+    (["--checkpoint", "RUN/ema.safetensors", "--no-ema"], "an inference file holds only EMA weights"),
+])
+def test_bad_input_is_one_line_and_exit_2(run_dir, foreign_checkpoint, tmp_path, capsys, args, message):
+    args = [str(a).replace("RUN", str(run_dir)).replace("FOREIGN", str(foreign_checkpoint)) for a in args]
+    code, out, err = sample(capsys, *args, "--out-dir", tmp_path / "out")
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not list(tmp_path.glob("out/*.png"))
+
+
+def test_bad_input_as_a_script():
+    result = run_script("sample.py", "--checkpoint", "missing.safetensors", check=False)
+    assert result.returncode == 2 and result.stderr == "error: missing.safetensors: no such checkpoint file\n"
+    result = run_script("sample.py", "--seeds", "0-3", check=False)
+    assert result.returncode == 2 and "the following arguments are required: --checkpoint" in result.stderr
