@@ -22,6 +22,16 @@ def parse_args(argv=None):
     p.add_argument("--demo-every", type=int, default=500, help="demo grid every N steps (0: never)")
     p.add_argument("--demo-steps", type=int, default=50, help="sampler steps for demo grids")
     p.add_argument("--sample-n", type=int, default=64, help="images in a demo grid")
+    p.add_argument("--evaluate-every", type=int, default=0,
+                   help="FID and KID of the EMA model every N steps, against the training set (0: never)")
+    p.add_argument("--evaluate-n", type=int, default=2000,
+                   help="images sampled per evaluation (with the demo sampler and --demo-steps); metric names "
+                        "carry it: fid_2k_train")
+    p.add_argument("--evaluate-with", default="inception",
+                   help="feature extractor: inception (clean-fid's), dinov2, or torchscript:PATH")
+    p.add_argument("--inception-weights",
+                   help="a local inception-2015-12-05.pt (default: $HDIFFUSION_INCEPTION, else downloaded once "
+                        "into ~/.cache/hdiffusion)")
     p.add_argument("--log-every", type=int, default=10, help="metrics line every N steps")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random in the run")
     p.add_argument("--resume", help="checkpoint file or run folder to resume from "
@@ -39,7 +49,15 @@ def parse_args(argv=None):
     for name in positive:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ["end_step", "demo_every", "num_workers"]:
+    if args.evaluate_n < 2:
+        p.error(f"--evaluate-n must be at least 2, got {args.evaluate_n}")
+    from hdiffusion.evaluation import check_extractor_spec
+
+    try:
+        check_extractor_spec(args.evaluate_with)
+    except UsageError as error:
+        p.error(f"--evaluate-with: {error}")
+    for name in ["end_step", "demo_every", "evaluate_every", "num_workers"]:
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.wandb_project and "wandb" not in args.log_with:

@@ -23,6 +23,7 @@ from .errors import UsageError
 CHECKPOINT_FORMAT = "hdiffusion-checkpoint/1"
 INFERENCE_FORMAT = "hdiffusion-inference/1"
 LATEST = "latest"
+BEST = "best"  # names the checkpoint of the best FID (evaluation.mark_best); never pruned
 
 
 # Atomic files --------------------------------------------------------------------------------------------
@@ -92,7 +93,8 @@ class Checkpoint:
 
 
 def save_checkpoint(run_dir, step, model_state, ema_state, optimizer_state, info, keep_last):
-    """Write checkpoint `step`, then point `latest` at it, then delete all but the newest `keep_last`."""
+    """Write checkpoint `step`, then point `latest` at it, then delete all but the newest `keep_last` and the one
+    `best` names."""
     directory = Path(run_dir) / "checkpoints"
     directory.mkdir(parents=True, exist_ok=True)
     optimizer_tensors, optimizer_json = flatten_optimizer_state(optimizer_state)
@@ -103,8 +105,11 @@ def save_checkpoint(run_dir, step, model_state, ema_state, optimizer_state, info
     path = directory / f"step_{step:08d}.safetensors"
     _save_safetensors(path, tensors, {"format": CHECKPOINT_FORMAT, "info": json.dumps(info)})
     atomic_write(directory / LATEST, lambda tmp: Path(tmp).write_text(path.name + "\n"))
+    best = directory / BEST
+    spared = best.read_text().strip() if best.exists() else None
     for old in sorted(directory.glob("step_*.safetensors"))[:-keep_last]:
-        old.unlink()
+        if old.name != spared:
+            old.unlink()
     return path
 
 

@@ -24,10 +24,12 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import load_config
-from .data import StepBatchSampler, build_dataset, infinite_loader
+from .augmentation import augment_batch
+from .data import StepBatchSampler, build_dataset, describe_dataset, infinite_loader, to_unit_range
 from .denoiser import Denoiser
 from .ema import ema_decay, ema_update
 from .errors import UsageError
+from .evaluation import TrainingEvaluator, mark_best
 from .flops import count_macs
 from .images import make_grid
 from .models import compile_blocks, make_model
@@ -52,6 +54,10 @@ class TrainOptions:
     demo_every: int = 500
     demo_steps: int = 50
     sample_n: int = 64
+    evaluate_every: int = 0
+    evaluate_n: int = 2000
+    evaluate_with: str = "inception"
+    inception_weights: str | None = None
     log_every: int = 10
     seed: int = 0
     resume: str | None = None
@@ -82,11 +88,11 @@ def drop_labels(labels, num_classes, rate, generator):
     return torch.where(drop, torch.full_like(labels, num_classes), labels)
 
 
-def diffusion_loss(denoiser, images, labels, density, chunk, chunks, dataset_config, generator):
+def diffusion_loss(denoiser, images, labels, density, chunk, chunks, dataset_config, generator, aug_cond=None):
     """Mean loss of one chunk: noise levels stratified over all chunks of the global batch."""
     noise = torch.randn(images.shape, generator=generator, device=images.device)
     sigma = sample_sigmas(density, images.shape[0], chunk, chunks, generator=generator, device=images.device)
-    cond = {}
+    cond = {} if aug_cond is None else {"aug_cond": aug_cond}
     if dataset_config["num_classes"]:
         cond["class_cond"] = drop_labels(labels, dataset_config["num_classes"], dataset_config["cond_dropout_rate"],
                                          generator)
@@ -176,11 +182,17 @@ def train(options: TrainOptions) -> int:
                              + "; ".join(differences))
 
     # Data first: bad data should fail before any model is built.
-    dataset = build_dataset(config)
+    dataset = build_dataset(config, Path(options.config).parent, options.num_workers,
+                            progress=accelerator.is_main_process and options.progress)
     start_step = state.info["step"] if state else 0
     sampler = StepBatchSampler(len(dataset), options.batch_size, options.grad_accum_steps, world, rank,
                                options.seed, start_step)
     batches = infinite_loader(dataset, sampler, options.num_workers)
+    evaluator = None
+    if options.evaluate_every:  # the feature extractor, and the dataset's statistics (cached on disk)
+        evaluator = TrainingEvaluator(accelerator, config, dataset, options.evaluate_with, options.evaluate_n,
+                                      options.seed, options.demo_steps, sampler.micro_batch,
+                                      options.inception_weights, options.num_workers, options.progress)
 
     # Model, EMA, optimizer.
     torch.manual_seed(options.seed)
@@ -204,9 +216,10 @@ def train(options: TrainOptions) -> int:
     accelerator.print(f"{world} process(es) on {device}, mixed precision {accelerator.mixed_precision}, "
                       f"global batch {options.batch_size} = {world} x {options.grad_accum_steps} x "
                       f"{sampler.micro_batch}, {len(dataset):,} images")
-    if model_config["augment_prob"] > 0:
-        accelerator.print(f"note: model.augment_prob = {model_config['augment_prob']}: non-leaky augmentation is "
-                          "not implemented yet; training without it (aug_cond = 0)")
+    accelerator.print(f"data: {describe_dataset(dataset)}")
+    if model_config["augment_prob"] > 0 and dataset_config["random_flip"]:
+        accelerator.print("note: dataset.random_flip is off while model.augment_prob > 0: the augmentation's "
+                          "x-flip, given to the model, replaces it")
     if state is not None:
         accelerator.print(f"resuming from {state.path} at step {start_step}")
 
@@ -224,6 +237,8 @@ def train(options: TrainOptions) -> int:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if dataset.class_names:  # label i is class_names[i]
+            (run_dir / "classes.json").write_text(json.dumps(dataset.class_names, indent=1) + "\n")
         if options.log_with:
             accelerator.init_trackers(options.wandb_project or options.name, config=flat_config(config))
     metrics_file = run_dir / "metrics.jsonl"
@@ -231,7 +246,13 @@ def train(options: TrainOptions) -> int:
         drop_metrics_after(metrics_file, start_step)
     info = {"config": config, "options": asdict(options)}
 
+    saved_step = start_step
+
     def save(step):
+        nonlocal saved_step
+        if step == saved_step:  # already saved: a new best FID saves its step before the regular save
+            return
+        saved_step = step
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             path = ckpt.save_checkpoint(run_dir, step, inner_model.state_dict(), ema_model.state_dict(),
@@ -246,6 +267,21 @@ def train(options: TrainOptions) -> int:
                 images = sample_demo(ema_denoiser, config, options.sample_n, options.demo_steps, options.seed, device)
             columns = dataset_config["num_classes"] or None
             make_grid(images, columns=columns).save(run_dir / f"demo_{step:08d}.png")
+
+    def evaluate(step):
+        start = time.perf_counter()
+        scores, is_best = evaluator.evaluate(ema_denoiser, metrics_file)  # every process samples its share
+        if accelerator.is_main_process:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps({"step": step, "kimg": step * options.batch_size / 1000, **scores}) + "\n")
+            progress.set_description(evaluator.describe(scores))
+            tqdm.write(f"step {step}: {evaluator.describe(scores)}{' (best so far)' if is_best else ''} "
+                       f"in {time.perf_counter() - start:.1f} s")
+        accelerator.log(scores, step=step)
+        if is_best:  # keep this step's checkpoint as checkpoints/best, which --keep-last spares
+            save(step)
+            if accelerator.is_main_process:
+                mark_best(run_dir, step)
 
     end_step = options.end_step if options.end_step is not None else math.inf
     if start_step >= end_step:
@@ -266,9 +302,12 @@ def train(options: TrainOptions) -> int:
             seed = chunk_seed(options.seed, step, chunk)
             torch.manual_seed(seed)  # dropout
             generator = torch.Generator(device).manual_seed(seed)
+            images, aug_cond = augment_batch(to_unit_range(images), model_config["augment_prob"],
+                                             dataset_config["random_flip"], generator)
             last = accum == options.grad_accum_steps - 1
             with nullcontext() if last else accelerator.no_sync(model):
-                loss = diffusion_loss(denoiser, images, labels, density, chunk, chunks, dataset_config, generator)
+                loss = diffusion_loss(denoiser, images, labels, density, chunk, chunks, dataset_config, generator,
+                                      aug_cond)
                 accelerator.backward(loss / options.grad_accum_steps)
             loss_total += loss.detach()
             loss_count += 1
@@ -296,6 +335,8 @@ def train(options: TrainOptions) -> int:
 
         if options.demo_every and step % options.demo_every == 0:
             demo(step)
+        if evaluator is not None and step % options.evaluate_every == 0:
+            evaluate(step)
         stopping = stop.received is not None
         if world > 1:  # every process must agree to stop at the same step
             stopping = accelerator.reduce(torch.tensor(float(stopping), device=device), "sum").item() > 0

@@ -121,7 +121,8 @@ def test_mnist_transformer_fully_defaulted():
         "dataset": {
             "type": "mnist", "location": "data", "num_classes": 10, "cond_dropout_rate": 0.1, "download": True,
             "classes": None, "image_key": "image", "class_key": None, "name": None, "split": "train",
-            "get_dataset": "get_dataset", "config": {},
+            "get_dataset": "get_dataset", "config": {}, "random_flip": False, "skip_bad_images": False,
+            "cache": None,
         },
         "optimizer": {"type": "adamw", "lr": 5e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 1e-4,
                       "momentum": 0.0, "nesterov": False, "mapping_lr_scale": 1 / 3},
