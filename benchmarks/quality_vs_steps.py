@@ -7,7 +7,6 @@ classifier this is FID_mnist: comparable between samplers and step counts here, 
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,6 +15,9 @@ from accelerate import PartialState
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_train import emit  # noqa: E402
 
 from hdiffusion.data import build_dataset  # noqa: E402
 from hdiffusion.evaluation import Statistics, compare, load_extractor, reference_statistics, sample_features  # noqa: E402
@@ -46,12 +48,8 @@ def main():
             features = sample_features(extractor, denoiser, config, seeds, state, args.batch_size, labels=labels,
                                        sampler=sampler, steps=steps, autocast_dtype=torch.bfloat16)
             scores = compare(Statistics.from_features(features, extractor.key), reference, device=state.device)
-            line = json.dumps({"checkpoint_step": step, "extractor": extractor.name, "n": args.n,
-                               "sampler": sampler, "steps": steps, **scores})
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(line + "\n")
+            emit({"checkpoint_step": step, "extractor": extractor.name, "n": args.n, "sampler": sampler,
+                  "steps": steps, **scores}, args.out)
 
 
 if __name__ == "__main__":
