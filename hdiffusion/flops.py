@@ -1,6 +1,7 @@
 """Multiply-accumulates of one forward pass per image, in the convention of the DiT and HDiT papers.
 
 Counted: every nn.Linear, in_features * out_features per row it maps (GEGLU's up projection has 2 * d_ff outputs);
+every nn.Conv2d, in_channels / groups * kernel area per output element;
 every attention op (hdiffusion.models.attention.GridAttention), QK^T plus AV = 2 * queries * keys per query * d_head
 per head, where a query sees all tokens (global), kernel_size^2 keys (neighborhood) or window_size^2 keys (shifted
 window). Not counted: norms, softmax, RoPE, Fourier features, embeddings lookups, elementwise ops.
@@ -25,6 +26,10 @@ def count_macs(model, input_shape):
         rows = args[0].numel() // module.weight.shape[1]
         macs += rows * module.weight.numel()
 
+    def count_conv(module, args, output):
+        nonlocal macs
+        macs += output.numel() * module.weight[0].numel()  # weight [out, in / groups, kh, kw]
+
     def count_attention(module, args, output):
         nonlocal macs
         q = args[0]  # [1, H, W, heads, d_head]
@@ -35,6 +40,8 @@ def count_macs(model, input_shape):
     for module in model.modules():
         if isinstance(module, nn.Linear):
             hooks.append(module.register_forward_hook(count_linear))
+        elif isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(count_conv))
         elif isinstance(module, GridAttention):
             hooks.append(module.register_forward_hook(count_attention))
 

@@ -112,3 +112,19 @@ def test_tiny_model_parameters_in_closed_form(outer_attn):
     )
     assert n_params(tiny(outer_attn)) == expected
     assert torch.is_tensor(tiny(outer_attn).time_emb.weight)  # Fourier weights are buffers, not parameters
+
+
+@pytest.mark.parametrize("groups, stride", [(1, 1), (2, 2), (8, 1)])
+def test_conv2d_macs_in_closed_form(groups, stride):
+    """A conv costs (in_channels / groups) * kh * kw MACs per output element."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(8, 16, 3, stride=stride, padding=1, groups=groups)
+
+        def forward(self, x, c_noise):
+            return self.conv(x)
+
+    out_side = 12 // stride
+    assert count_macs(Net(), (8, 12, 12)) == 16 * out_side**2 * (8 // groups) * 3 * 3
