@@ -7,16 +7,10 @@ processes (`accelerate launch sample.py ...` splits the seeds between the proces
 import argparse
 import sys
 
-from hdiffusion.errors import UsageError
-
+from hdiffusion.errors import ArgumentParser, UsageError
 from hdiffusion.sampling import SAMPLERS
 
 SAMPLER_NAMES = list(SAMPLERS)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other bad input
-        raise UsageError(message)
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -25,7 +19,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None):
-    p = _Parser(description=__doc__, formatter_class=_Help)
+    p = ArgumentParser(description=__doc__, formatter_class=_Help)
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint file, a run folder (its latest checkpoint), or an ema.safetensors file")
     p.add_argument("--seeds", help="seeds to sample, e.g. 0-63 or 0-3,10,20-22 (ranges inclusive); "

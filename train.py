@@ -1,14 +1,22 @@
 #!/usr/bin/env python3
-"""Train a diffusion model from a JSON config: `accelerate launch train.py --config C --name N`."""
+"""Train a diffusion model from a JSON config: `accelerate launch train.py --config C --name N`.
+
+Exit codes: 0 done; 2 bad input (nothing written); 65 diverged (--max-nonfinite-steps non-finite steps in a row);
+74 a file could not be written (disk full, read-only; the last checkpoint is intact); 75 stopped by SIGTERM or
+SIGINT after saving a checkpoint (run the same command again to resume)."""
 
 import argparse
 import sys
 
-from hdiffusion.errors import UsageError
+from hdiffusion.errors import ArgumentParser, RunError, UsageError
+
+
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=_Help)
     p.add_argument("--config", required=True, help="the JSON config file")
     p.add_argument("--name", default="model", help="run name; the run folder is runs/NAME unless --out-dir")
     p.add_argument("--out-dir", help="run folder (checkpoints, demo grids, metrics); default runs/NAME")
@@ -44,8 +52,15 @@ def parse_args(argv=None):
     p.add_argument("--log-with", nargs="*", default=[], choices=["tensorboard", "wandb"], help="trackers")
     p.add_argument("--wandb-project", help="wandb project (implies --log-with wandb)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--max-nonfinite-steps", type=int, default=10,
+                   help="stop after this many optimizer steps in a row with a non-finite loss or gradients (each "
+                        "is skipped and counted in metrics.jsonl)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms only (torch.use_deterministic_algorithms): bitwise-reproducible "
+                        "runs on GPUs too, somewhat slower")
     args = p.parse_args(argv)
-    positive = ["batch_size", "grad_accum_steps", "save_every", "keep_last", "demo_steps", "sample_n", "log_every"]
+    positive = ["batch_size", "grad_accum_steps", "save_every", "keep_last", "demo_steps", "sample_n", "log_every",
+                "max_nonfinite_steps"]
     for name in positive:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -66,13 +81,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    from hdiffusion.training import TrainOptions, train
-
-    options = TrainOptions(**dict(vars(args), log_with=tuple(args.log_with)))
     try:
-        return train(options)
-    except UsageError as error:
+        args = parse_args(argv)
+        from hdiffusion.training import TrainOptions, train
+
+        return train(TrainOptions(**dict(vars(args), log_with=tuple(args.log_with))))
+    except RunError as error:  # bad input, divergence, a full disk: one line, no traceback (hdiffusion/errors.py)
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
 

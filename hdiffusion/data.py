@@ -64,6 +64,8 @@ def to_model_image(image, size, channels: int) -> torch.Tensor:
         if array.shape == (height, width, channels):  # nothing to do but the layout
             return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
         image = Image.fromarray(image if image.ndim == 2 or image.shape[2] != 1 else image[..., 0])
+    if image.mode in ("I", "F") or image.mode.startswith("I;"):  # PIL's convert would clip them at 255
+        raise ValueError(f"mode {image.mode}, more than 8 bits per channel; convert the images to 8 bits first")
     image = image.convert("L" if channels == 1 else "RGB")
     scale = max(height / image.height, width / image.width)
     if scale != 1:

@@ -1,7 +1,26 @@
-"""The one error type users see: a one-line message and exit code 2, never a traceback."""
+"""The errors users see: one line and a distinct exit code, never a traceback.
+
+  0  done
+  2  bad input: config, flag, data or checkpoint (UsageError); nothing was written. Fix the input.
+ 65  diverged: --max-nonfinite-steps non-finite steps in a row (DivergedError). Resume the last good checkpoint
+     with a lower --lr.
+ 74  a file of the run could not be written: disk full, read-only (StorageError); the last checkpoint is intact.
+     Free space, run the same command again.
+ 75  stopped by SIGTERM or SIGINT after saving a checkpoint (PREEMPTED_EXIT_CODE). Run the same command again.
+"""
+
+import argparse
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; run again to resume
 
 
-class UsageError(Exception):
+class RunError(Exception):
+    """An expected failure the CLIs report as `error: <message>` on stderr, exiting with `exit_code`."""
+
+    exit_code = 1
+
+
+class UsageError(RunError):
     """Bad input from the user (config, flag, file). The CLIs print the message and exit with code 2.
 
     The message names the file, key or value at fault and what would be valid. It may hold several lines
@@ -9,3 +28,22 @@ class UsageError(Exception):
     """
 
     exit_code = 2
+
+
+class DivergedError(RunError):
+    """The loss or the gradients were non-finite for --max-nonfinite-steps optimizer steps in a row."""
+
+    exit_code = 65  # EX_DATAERR
+
+
+class StorageError(RunError):
+    """A file of the run could not be written (disk full, read-only folder); the last checkpoint is intact."""
+
+    exit_code = 74  # EX_IOERR
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors as a UsageError: one line and exit code 2, like every other bad input."""
+
+    def error(self, message):
+        raise UsageError(message)

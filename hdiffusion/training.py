@@ -4,7 +4,11 @@ A global batch is cut into chunks, one per (accumulation step, process). Every r
 optimizer step t (noise, noise levels, label dropout, dropout) comes from generators seeded by (seed, t, c), and
 which images chunk c holds is a function of (t, c) alone (data.StepBatchSampler). So a run resumed from the
 checkpoint of step t continues exactly as if it had never stopped, without storing RNG states; and one process
-with 2 accumulation steps computes the same step as 2 processes with 1 (up to float summation order).
+with 2 accumulation steps computes the same step as 2 processes with 1 (bitwise on CPU, tested).
+
+A step whose loss or gradients are not finite is skipped by every process alike and counted; too many in a row
+stop the run (DivergedError). A signal saves and stops at the end of the step; a failed write stops with the last
+checkpoint intact (StorageError). Exit codes: errors.py.
 """
 
 import copy
@@ -13,7 +17,7 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +32,7 @@ from .augmentation import augment_batch
 from .data import StepBatchSampler, build_dataset, describe_dataset, infinite_loader, to_unit_range
 from .denoiser import Denoiser
 from .ema import ema_decay, ema_update
-from .errors import UsageError
+from .errors import PREEMPTED_EXIT_CODE, DivergedError, StorageError, UsageError
 from .evaluation import TrainingEvaluator, mark_best
 from .flops import count_macs
 from .images import make_grid
@@ -36,9 +40,6 @@ from .models import compile_blocks, make_model
 from .noise import get_sigmas_karras, make_sigma_density, sample_sigmas
 from .optim import make_optimizer, set_learning_rates
 from .sampling import sample_dpmpp_2m
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; run again to resume
-
 
 @dataclass
 class TrainOptions:
@@ -69,6 +70,8 @@ class TrainOptions:
     log_with: tuple = ()
     wandb_project: str | None = None
     progress: bool = True
+    max_nonfinite_steps: int = 10
+    deterministic: bool = False
 
     @property
     def run_dir(self):
@@ -114,7 +117,9 @@ def sample_demo(denoiser, config, n, steps, seed, device):
 def weight_defining(model_config):
     """The model section without the keys that change how it runs but not its weights."""
     model_config = {k: v for k, v in model_config.items() if k != "checkpointing"}
-    model_config["self_attns"] = [{k: v for k, v in attn.items() if k != "backend"} for attn in model_config["self_attns"]]
+    if "self_attns" in model_config:  # HDiT; other model types have no attention backend key
+        model_config["self_attns"] = [{k: v for k, v in attn.items() if k != "backend"}
+                                      for attn in model_config["self_attns"]]
     return model_config
 
 
@@ -136,34 +141,111 @@ def flat_config(config, prefix=""):
     return flat
 
 
+def _metrics_step(line):
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else None
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
 def drop_metrics_after(metrics_file, step):
-    """On resume, forget metrics logged after the checkpoint: those steps are about to be run again."""
+    """On resume, forget metrics logged after the checkpoint (those steps are about to be run again), and a last
+    line cut short by a kill or a full disk."""
     if metrics_file.exists():
         lines = metrics_file.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        kept = [line for line in lines if (_metrics_step(line) is not None and _metrics_step(line) <= step)]
         if len(kept) != len(lines):
             ckpt.atomic_write(metrics_file, lambda tmp: Path(tmp).write_text("".join(kept)))
 
 
-class SignalFlag:
-    """Remembers SIGINT/SIGTERM so the loop can save and stop at the end of the current step."""
+def append_metrics(metrics_file, record):
+    with open(metrics_file, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
-    def __init__(self):
+
+class SignalFlag:
+    """Remembers SIGINT/SIGTERM so the loop can save and stop at the end of the current step; a second signal
+    stops at once (as a kill would: the last checkpoint stays intact). Restores the previous handlers on exit."""
+
+    def __enter__(self):
         self.received = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        if self.received is not None:
+            self.__exit__()
+            signal.raise_signal(signum)
         self.received = signal.Signals(signum).name
+
+
+def any_process(accelerator, flag):
+    """True on every process if `flag` is true on any of them."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum").item() > 0
+
+
+def step_is_finite(step_loss, model, check_gradients):
+    """Whether this process's loss of the step and the gradients are finite. The gradients are all-reduced, so
+    every process sees the same ones; under fp16 their overflows are the gradient scaler's to skip."""
+    finite = torch.isfinite(step_loss)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if check_gradients and grads:
+        finite &= torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf")))  # max |g|: NaN and inf stay
+    return bool(finite)
+
+
+@contextmanager
+def reported_as_storage_error(run_dir):
+    """An OSError while writing the run folder (disk full, read-only) -> a one-line StorageError that says which
+    checkpoint is intact."""
+    try:
+        yield
+    except OSError as error:
+        try:
+            latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / ckpt.LATEST).read_text().strip()
+            intact = f"the last checkpoint, {latest}, is intact"
+        except OSError:
+            intact = "no checkpoint was written yet"
+        raise StorageError(f"cannot write {error.filename or run_dir}: {error.strerror or error}; {intact}. Free "
+                           f"space or make the folder writable, then run the same command again to resume") from None
+
+
+def layout_change_note(info, options, world):
+    """A note when a run resumes with another global batch, or another number of chunks per step."""
+    before = info["options"]
+    if before["batch_size"] != options.batch_size:
+        return (f"note: --batch-size {options.batch_size} differs from the checkpoint's {before['batch_size']}: "
+                f"step t now takes the images at positions t x {options.batch_size} onwards of the data order")
+    chunks_before, chunks = info["processes"] * before["grad_accum_steps"], world * options.grad_accum_steps
+    if chunks_before != chunks:
+        return (f"note: {world} process(es) x {options.grad_accum_steps} accumulation step(s) = {chunks} chunks per "
+                f"step, the checkpoint's run had {chunks_before}: the same images every step, but noise is drawn "
+                f"per chunk, so the run continues deterministically, not bit for bit as before")
+    return None
+
+
+def make_deterministic():
+    """Bitwise-reproducible kernels where PyTorch has them (CPU kernels already are); others warn."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 # The loop ------------------------------------------------------------------------------------------------
 
 def train(options: TrainOptions) -> int:
-    """Train until `end_step` (or forever); returns the process exit code."""
+    """Train until `end_step` (or forever); returns the process exit code, or raises a RunError (errors.py)."""
     config = load_config(options.config)
     if options.lr is not None:
         config["optimizer"]["lr"] = options.lr
+    if options.deterministic:
+        make_deterministic()
     run_dir = options.run_dir
     # Several processes (torchrun / accelerate launch) and no GPU: Accelerate needs cpu=True to pick gloo.
     multi_cpu = os.environ.get("LOCAL_RANK") is not None and not torch.cuda.is_available()
@@ -172,11 +254,20 @@ def train(options: TrainOptions) -> int:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     model_config, dataset_config = config["model"], config["dataset"]
 
-    # Resume: an explicit --resume, else the run folder's latest checkpoint, else a fresh start.
-    resume_path = options.resume or ckpt.latest_checkpoint(run_dir)
-    state = ckpt.load_checkpoint(resume_path) if resume_path else None
+    # Resume: a checkpoint file named by --resume (used as it is, or refused), else the newest intact checkpoint
+    # of the --resume folder or of the run folder, else a fresh start.
+    if options.resume and not Path(options.resume).is_dir():
+        state = ckpt.load_checkpoint(options.resume)
+    else:
+        state = ckpt.load_newest_intact(options.resume or run_dir, warn=accelerator.print)
+        if state is None and options.resume:
+            raise UsageError(f"{options.resume}: no checkpoint in this folder (expected checkpoints/{ckpt.LATEST})")
     if state is not None:
-        differences = model_differences(state.info["config"]["model"], model_config)
+        stored = state.info["config"]
+        differences = model_differences(stored["model"], model_config)
+        if stored["dataset"]["num_classes"] != dataset_config["num_classes"]:  # the class embedding's size
+            differences.append(f"dataset.num_classes: {stored['dataset']['num_classes']} -> "
+                               f"{dataset_config['num_classes']}")
         if differences:
             raise UsageError(f"{state.path}: the checkpoint's model differs from {options.config}: "
                              + "; ".join(differences))
@@ -205,9 +296,13 @@ def train(options: TrainOptions) -> int:
     base_lrs = [group["lr"] for group in param_groups]
     optimizer = make_optimizer(optimizer_config, param_groups)
     if state is not None:
-        model.load_state_dict(state.model)
-        ema_model.load_state_dict(state.ema)
-        optimizer.load_state_dict(state.optimizer)
+        try:
+            model.load_state_dict(state.model)
+            ema_model.load_state_dict(state.ema)
+            optimizer.load_state_dict(state.optimizer)
+        except (RuntimeError, ValueError, KeyError) as error:  # a config difference model_differences missed
+            raise UsageError(f"{state.path}: its weights do not fit the model of {options.config} "
+                             f"({str(error).strip().splitlines()[0]})") from None
 
     params = sum(p.numel() for p in model.parameters())
     gmac = count_macs(model, (model_config["input_channels"], *model_config["input_size"])) / 1e9
@@ -222,6 +317,9 @@ def train(options: TrainOptions) -> int:
                           "x-flip, given to the model, replaces it")
     if state is not None:
         accelerator.print(f"resuming from {state.path} at step {start_step}")
+        note = layout_change_note(state.info, options, world)
+        if note:
+            accelerator.print(note)
 
     inner_model = model
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -235,30 +333,49 @@ def train(options: TrainOptions) -> int:
     density = make_sigma_density(model_config["sigma_sample_density"], model_config["sigma_data"])
 
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if dataset.class_names:  # label i is class_names[i]
-            (run_dir / "classes.json").write_text(json.dumps(dataset.class_names, indent=1) + "\n")
+        with reported_as_storage_error(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            removed = ckpt.remove_temporary_files(run_dir) + ckpt.remove_temporary_files(run_dir / "checkpoints")
+            if removed:
+                accelerator.print(f"removed {len(removed)} temporary file(s) of an interrupted write: "
+                                  f"{', '.join(removed)}")
+            (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            if dataset.class_names:  # label i is class_names[i]
+                (run_dir / "classes.json").write_text(json.dumps(dataset.class_names, indent=1) + "\n")
         if options.log_with:
             accelerator.init_trackers(options.wandb_project or options.name, config=flat_config(config))
     metrics_file = run_dir / "metrics.jsonl"
     if accelerator.is_main_process:
-        drop_metrics_after(metrics_file, start_step)
-    info = {"config": config, "options": asdict(options)}
+        with reported_as_storage_error(run_dir):
+            drop_metrics_after(metrics_file, start_step)
+    info = {"config": config, "options": asdict(options), "processes": world}
 
-    saved_step = start_step
+    # Non-finite steps are skipped and counted; the counts are saved, so a resumed run stops where the original
+    # would have.
+    nonfinite_in_a_row = state.info.get("nonfinite_in_a_row", 0) if state else 0
+    nonfinite_total = state.info.get("nonfinite_total", 0) if state else 0
+    saved_step, last_checkpoint = start_step, state.path if state else None
 
     def save(step):
-        nonlocal saved_step
+        nonlocal saved_step, last_checkpoint
         if step == saved_step:  # already saved: a new best FID saves its step before the regular save
             return
-        saved_step = step
         accelerator.wait_for_everyone()
+        failure = None
         if accelerator.is_main_process:
-            path = ckpt.save_checkpoint(run_dir, step, inner_model.state_dict(), ema_model.state_dict(),
-                                        optimizer.state_dict(), info, options.keep_last)
-            ckpt.save_inference_file(run_dir / "ema.safetensors", ema_model.state_dict(), config, step)
-            tqdm.write(f"saved {path}")
+            counts = {"nonfinite_in_a_row": nonfinite_in_a_row, "nonfinite_total": nonfinite_total}
+            try:
+                with reported_as_storage_error(run_dir):
+                    ckpt.save_checkpoint(run_dir, step, inner_model.state_dict(), ema_model.state_dict(),
+                                         optimizer.state_dict(), dict(info, **counts), options.keep_last)
+                    ckpt.save_inference_file(run_dir / "ema.safetensors", ema_model.state_dict(), config, step)
+            except StorageError as error:
+                failure = error
+        if any_process(accelerator, failure is not None):  # every process stops, not only the writer
+            raise failure or StorageError("the main process could not save a checkpoint (its message says why)")
+        saved_step, last_checkpoint = step, run_dir / "checkpoints" / f"step_{step:08d}.safetensors"
+        if accelerator.is_main_process:
+            tqdm.write(f"saved {last_checkpoint}")
         accelerator.wait_for_everyone()
 
     def demo(step):
@@ -266,14 +383,15 @@ def train(options: TrainOptions) -> int:
             with accelerator.autocast():
                 images = sample_demo(ema_denoiser, config, options.sample_n, options.demo_steps, options.seed, device)
             columns = dataset_config["num_classes"] or None
-            make_grid(images, columns=columns).save(run_dir / f"demo_{step:08d}.png")
+            with reported_as_storage_error(run_dir):
+                make_grid(images, columns=columns).save(run_dir / f"demo_{step:08d}.png")
 
     def evaluate(step):
         start = time.perf_counter()
         scores, is_best = evaluator.evaluate(ema_denoiser, metrics_file)  # every process samples its share
         if accelerator.is_main_process:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps({"step": step, "kimg": step * options.batch_size / 1000, **scores}) + "\n")
+            with reported_as_storage_error(run_dir):
+                append_metrics(metrics_file, {"step": step, "kimg": step * options.batch_size / 1000, **scores})
             progress.set_description(evaluator.describe(scores))
             tqdm.write(f"step {step}: {evaluator.describe(scores)}{' (best so far)' if is_best else ''} "
                        f"in {time.perf_counter() - start:.1f} s")
@@ -281,73 +399,91 @@ def train(options: TrainOptions) -> int:
         if is_best:  # keep this step's checkpoint as checkpoints/best, which --keep-last spares
             save(step)
             if accelerator.is_main_process:
-                mark_best(run_dir, step)
+                with reported_as_storage_error(run_dir):
+                    mark_best(run_dir, step)
 
     end_step = options.end_step if options.end_step is not None else math.inf
     if start_step >= end_step:
         accelerator.print(f"already at step {start_step} >= --end-step {end_step}; nothing to do")
         return 0
-    stop = SignalFlag()
     chunks = world * options.grad_accum_steps
+    check_gradients = accelerator.mixed_precision != "fp16"
     progress = tqdm(initial=start_step, total=None if end_step == math.inf else end_step, unit="step",
                     disable=not (accelerator.is_main_process and options.progress), dynamic_ncols=True)
     step, loss_total, loss_count, images_since, timer = start_step, 0.0, 0, 0, time.perf_counter()
     model.train()
-    while step < end_step:
-        # One optimizer step over grad_accum_steps micro-batches.
-        lr = set_learning_rates(optimizer, base_lrs, step, config["lr_sched"])
-        for accum in range(options.grad_accum_steps):
-            images, labels = (t.to(device, non_blocking=True) for t in next(batches))
-            chunk = accum * world + rank  # the order StepBatchSampler cuts the global batch in
-            seed = chunk_seed(options.seed, step, chunk)
-            torch.manual_seed(seed)  # dropout
-            generator = torch.Generator(device).manual_seed(seed)
-            images, aug_cond = augment_batch(to_unit_range(images), model_config["augment_prob"],
-                                             dataset_config["random_flip"], generator)
-            last = accum == options.grad_accum_steps - 1
-            with nullcontext() if last else accelerator.no_sync(model):
-                loss = diffusion_loss(denoiser, images, labels, density, chunk, chunks, dataset_config, generator,
-                                      aug_cond)
-                accelerator.backward(loss / options.grad_accum_steps)
-            loss_total += loss.detach()
-            loss_count += 1
-        if options.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), options.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        decay = ema_decay(step, config["ema_sched"])
-        ema_update(ema_model, inner_model, decay)
-        step += 1
-        images_since += options.batch_size
-        progress.update(1)
+    with SignalFlag() as stop, progress:
+        while step < end_step:
+            # One optimizer step over grad_accum_steps micro-batches.
+            lr = set_learning_rates(optimizer, base_lrs, step, config["lr_sched"])
+            step_loss = torch.zeros((), device=device)
+            for accum in range(options.grad_accum_steps):
+                images, labels = (t.to(device, non_blocking=True) for t in next(batches))
+                chunk = accum * world + rank  # the order StepBatchSampler cuts the global batch in
+                seed = chunk_seed(options.seed, step, chunk)
+                torch.manual_seed(seed)  # dropout
+                generator = torch.Generator(device).manual_seed(seed)
+                images, aug_cond = augment_batch(to_unit_range(images), model_config["augment_prob"],
+                                                 dataset_config["random_flip"], generator)
+                last = accum == options.grad_accum_steps - 1
+                with nullcontext() if last else accelerator.no_sync(model):
+                    loss = diffusion_loss(denoiser, images, labels, density, chunk, chunks, dataset_config,
+                                          generator, aug_cond)
+                    accelerator.backward(loss / options.grad_accum_steps)
+                step_loss += loss.detach()
 
-        if step % options.log_every == 0 or step == end_step:
-            loss_mean = accelerator.reduce(torch.as_tensor(loss_total / loss_count, device=device), "mean").item()
-            elapsed = time.perf_counter() - timer
-            record = {"step": step, "kimg": step * options.batch_size / 1000, "loss": loss_mean, "lr": lr,
-                      "ema_decay": decay, "img_per_s": images_since / elapsed}
-            if accelerator.is_main_process:
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                progress.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{record['img_per_s']:.1f}", lr=f"{lr:.2e}")
-            accelerator.log(record, step=step)
-            loss_total, loss_count, images_since, timer = 0.0, 0, 0, time.perf_counter()
+            # Apply it, or skip it (every process alike) when its loss or gradients are not finite.
+            decay = ema_decay(step, config["ema_sched"])
+            skip = any_process(accelerator, not step_is_finite(step_loss, model, check_gradients))
+            if skip:
+                nonfinite_in_a_row, nonfinite_total = nonfinite_in_a_row + 1, nonfinite_total + 1
+                if accelerator.is_main_process:
+                    tqdm.write(f"step {step + 1}: non-finite loss or gradients; skipped ({nonfinite_in_a_row} in "
+                               f"a row, {nonfinite_total} in all)")
+            else:
+                if options.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), options.grad_clip)
+                optimizer.step()
+                ema_update(ema_model, inner_model, decay)
+                loss_total, loss_count, nonfinite_in_a_row = loss_total + step_loss, loss_count + 1, 0
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            images_since += options.batch_size
+            progress.update(1)
 
-        if options.demo_every and step % options.demo_every == 0:
-            demo(step)
-        if evaluator is not None and step % options.evaluate_every == 0:
-            evaluate(step)
-        stopping = stop.received is not None
-        if world > 1:  # every process must agree to stop at the same step
-            stopping = accelerator.reduce(torch.tensor(float(stopping), device=device), "sum").item() > 0
-        if stopping or step % options.save_every == 0 or step == end_step:
-            save(step)
-        if stopping:
-            progress.close()
-            accelerator.print(f"received {stop.received or 'a stop signal'}: saved step {step}; "
-                              f"run the same command again to resume")
-            accelerator.end_training()
-            return PREEMPTED_EXIT_CODE
-    progress.close()
+            if step % options.log_every == 0 or step == end_step:
+                loss_mean = None  # when every step since the last line was skipped
+                if loss_count:
+                    loss_mean = accelerator.reduce(loss_total / (loss_count * options.grad_accum_steps), "mean").item()
+                elapsed = time.perf_counter() - timer
+                record = {"step": step, "kimg": step * options.batch_size / 1000, "loss": loss_mean, "lr": lr,
+                          "ema_decay": decay, "img_per_s": images_since / elapsed, "nonfinite_steps": nonfinite_total}
+                if accelerator.is_main_process:
+                    with reported_as_storage_error(run_dir):
+                        append_metrics(metrics_file, record)
+                    progress.set_postfix(loss=f"{loss_mean:.4f}" if loss_count else "-",
+                                         img_s=f"{record['img_per_s']:.1f}", lr=f"{lr:.2e}")
+                accelerator.log({k: v for k, v in record.items() if v is not None}, step=step)
+                loss_total, loss_count, images_since, timer = 0.0, 0, 0, time.perf_counter()
+
+            if options.demo_every and step % options.demo_every == 0:
+                demo(step)
+            if evaluator is not None and step % options.evaluate_every == 0:
+                evaluate(step)
+            stopping = any_process(accelerator, stop.received is not None)  # all processes stop at one step
+            if stopping or step % options.save_every == 0 or step == end_step:
+                save(step)
+            if stopping:
+                accelerator.print(f"received {stop.received or 'a stop signal'}: saved step {step}; "
+                                  f"run the same command again to resume")
+                accelerator.end_training()
+                return PREEMPTED_EXIT_CODE
+            if nonfinite_in_a_row >= options.max_nonfinite_steps:
+                raise DivergedError(
+                    f"step {step}: the loss or the gradients were non-finite in {nonfinite_in_a_row} steps in a row "
+                    f"(steps {step - nonfinite_in_a_row + 1} to {step}, all skipped; --max-nonfinite-steps "
+                    f"{options.max_nonfinite_steps}); the last good checkpoint is "
+                    + (f"{last_checkpoint}: resume from it with a lower --lr, or check the data" if last_checkpoint
+                       else "none: no checkpoint was saved yet; lower --lr, or check the data"))
     accelerator.end_training()
     return 0

@@ -1,28 +1,18 @@
-"""sample.py end to end on CPU: seeds, samplers, classes, guidance, grids, two processes, bad input."""
+"""sample.py end to end on CPU: seeds, samplers, classes, guidance, grids, two processes (bad input:
+test_bad_input.py)."""
 
-import importlib.util
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from conftest import ROOT, run_script, tiny_config
+from conftest import ROOT, launch_command, load_script, run_script, tiny_config
 from hdiffusion.sampling import SAMPLERS
 
 
-def load_sample_cli():
-    spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sample_cli = load_sample_cli()
+sample_cli = load_script("sample")
 
 
 @pytest.fixture(scope="module")
@@ -144,54 +134,10 @@ def test_two_processes_write_the_same_files_as_one(run_dir, tmp_path, capsys):
     args = ["--checkpoint", run_dir, "--seeds", "0-4", "--batch-size", 2, "--steps", 3, "--sampler", "dpmpp_2m_sde",
             "--grid", "--no-progress"]
     assert sample(capsys, *args, "--out-dir", tmp_path / "one")[0] == 0
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "sample.py"),
-               *map(str, args), "--out-dir", str(tmp_path / "two")]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(launch_command(2, ROOT / "sample.py", *args, "--out-dir", tmp_path / "two"), cwd=ROOT,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes" in result.stdout and result.stdout.count("wrote 5 images") == 1
     one, two = pngs(tmp_path / "one"), pngs(tmp_path / "two")
     assert len(one) == 5 and one == two
     assert (tmp_path / "one" / "grid.png").read_bytes() == (tmp_path / "two" / "grid.png").read_bytes()
-
-
-@pytest.fixture
-def foreign_checkpoint(tmp_path):
-    path = tmp_path / "foreign.safetensors"
-    save_file({"weight": torch.zeros(2)}, str(path))
-    return path
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--checkpoint", "missing.safetensors"], "missing.safetensors: no such checkpoint file"),
-    (["--checkpoint", "README.md"], "README.md: not a readable safetensors checkpoint"),
-    (["--checkpoint", "FOREIGN"], "not an hdiffusion checkpoint"),
-    (["--checkpoint", "RUN", "--sampler", "dpm_3"], "unknown sampler 'dpm_3'; expected one of euler,"),
-    (["--checkpoint", "RUN", "--class", 10], "class 10 is out of range: this model has 10 classes (0 to 9)"),
-    (["--checkpoint", "RUN", "--classes", "1,x"], "--classes '1,x': expected class numbers"),
-    (["--checkpoint", "RUN", "--seeds", "0-"], "--seeds '0-': '0-' is not a seed or a range like 0-63"),
-    (["--checkpoint", "RUN", "--seeds", "5-2"], "the range 5-2 runs backwards"),
-    (["--checkpoint", "RUN", "--seeds", "1,2,1"], "seed 1 appears more than once"),
-    (["--checkpoint", "RUN", "--seeds", "0-3", "--grid", "3x2"], "--grid 3x2: needs 6 images, but only 4"),
-    (["--checkpoint", "RUN", "--grid", "8by8"], "--grid '8by8': expected COLUMNSxROWS"),
-    (["--checkpoint", "RUN", "--schedule", "cosine"], "unknown schedule 'cosine'"),
-    (["--checkpoint", "RUN", "--schedule", "vp", "--rho", 3], "--rho applies to the karras and polyexponential"),
-    (["--checkpoint", "RUN", "--sigma-min", 5, "--sigma-max", 1], "need 0 < sigma_min <= sigma_max"),
-    (["--checkpoint", "RUN", "--eta", 0.5], "--eta applies to euler_ancestral, dpm_2_ancestral"),
-    (["--checkpoint", "RUN", "--cfg-interval", "2"], "--cfg-interval '2': expected two noise levels"),
-    (["--checkpoint", "RUN", "--steps", 0], "--steps must be at least 1"),
-    (["--checkpoint", "RUN", "--steps", "many"], "argument --steps: invalid int value"),
-    (["--checkpoint", "RUN/ema.safetensors", "--no-ema"], "an inference file holds only EMA weights"),
-])
-def test_bad_input_is_one_line_and_exit_2(run_dir, foreign_checkpoint, tmp_path, capsys, args, message):
-    args = [str(a).replace("RUN", str(run_dir)).replace("FOREIGN", str(foreign_checkpoint)) for a in args]
-    code, out, err = sample(capsys, *args, "--out-dir", tmp_path / "out")
-    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
-    assert not list(tmp_path.glob("out/*.png"))
-
-
-def test_bad_input_as_a_script():
-    result = run_script("sample.py", "--checkpoint", "missing.safetensors", check=False)
-    assert result.returncode == 2 and result.stderr == "error: missing.safetensors: no such checkpoint file\n"
-    result = run_script("sample.py", "--seeds", "0-3", check=False)
-    assert result.returncode == 2 and "the following arguments are required: --checkpoint" in result.stderr
