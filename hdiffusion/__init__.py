@@ -9,7 +9,15 @@ def __getattr__(name):
         from .models.hdit import HDiT
 
         return HDiT
+    if name == "DiT":
+        from .models.dit import DiT
+
+        return DiT
+    if name == "DiffiT":
+        from .models.diffit import DiffiT
+
+        return DiffiT
     raise AttributeError(f"module 'hdiffusion' has no attribute {name!r}")
 
 
-__all__ = ["HDiT", "__version__"]
+__all__ = ["DiT", "DiffiT", "HDiT", "__version__"]

@@ -430,6 +430,13 @@ def _check_ema_sched(ema_sched: dict, problems: _Problems):
 # --- Model types: the per-architecture defaults and checks. A new type adds its schema and an entry here. -----
 
 
+def _fill_soft_min_snr_gamma(model: dict, problems: _Problems):
+    at = ("model",)
+    if problems.ok(at + ("sigma_data",), at + ("soft_min_snr_gamma",)) and model["soft_min_snr_gamma"] is None:
+        # gamma = sigma_data**-2 makes 1 / (sigma**2 + 1 / gamma) k-diffusion's soft-min-snr weighting.
+        model["soft_min_snr_gamma"] = model["sigma_data"] ** -2
+
+
 class _ImageTransformerV2:
     """HDiT: levels outermost first; each level after the first merges 2x2 tokens, halving the token grid."""
 
@@ -440,9 +447,7 @@ class _ImageTransformerV2:
         at = ("model",)
         if problems.ok(at + ("mapping_width",), at + ("mapping_d_ff",)) and model["mapping_d_ff"] is None:
             model["mapping_d_ff"] = 3 * model["mapping_width"]
-        if problems.ok(at + ("sigma_data",), at + ("soft_min_snr_gamma",)) and model["soft_min_snr_gamma"] is None:
-            # gamma = sigma_data**-2 makes 1 / (sigma**2 + 1 / gamma) k-diffusion's soft-min-snr weighting.
-            model["soft_min_snr_gamma"] = model["sigma_data"] ** -2
+        _fill_soft_min_snr_gamma(model, problems)
         if not problems.ok(at + ("widths",)):
             return
         widths = model["widths"]
@@ -510,7 +515,124 @@ class _ImageTransformerV2:
         return grid
 
 
-_MODEL_TYPES = {"image_transformer_v2": _ImageTransformerV2}
+class _DiT:
+    """DiT: one grid of tokens; a preset (a model of the paper) fills the architecture keys left null."""
+
+    architecture = ("depth", "width", "num_heads", "patch_size")
+
+    @classmethod
+    def fill_defaults(cls, model: dict, problems: _Problems):
+        at = ("model",)
+        _fill_soft_min_snr_gamma(model, problems)
+        preset = model["preset"] if problems.ok(at + ("preset",)) else None
+        if preset is not None:
+            from .models.dit import PRESETS  # the paper's table, beside the model
+
+            for key in cls.architecture:
+                if problems.ok(at + (key,)) and model[key] is None:
+                    value = PRESETS[preset][key]
+                    model[key] = [value, value] if key == "patch_size" else value
+        for key in cls.architecture:
+            if problems.ok(at + (key,), at + ("preset",)) and model[key] is None:
+                wanted = "an integer >= 1 or a list of 2 integers >= 1" if key == "patch_size" else "an integer >= 1"
+                problems.add(at + (key,), f"expected {wanted} (or a model.preset to take it from), got null")
+
+    @staticmethod
+    def check(model: dict, problems: _Problems):
+        at = ("model",)
+
+        def known(*keys):  # valid and not null (keys stay null when the preset is invalid)
+            return problems.ok(*[at + (key,) for key in keys]) and all(model[key] is not None for key in keys)
+
+        if known("width", "num_heads") and model["width"] % model["num_heads"]:
+            problems.add(at + ("width",), f"expected a multiple of {model['num_heads']} (model.num_heads), "
+                                          f"got {model['width']}")
+        if known("width", "pos_emb") and model["pos_emb"] == "sincos" and model["width"] % 4:
+            problems.add(at + ("width",), "expected a multiple of 4 for pos_emb 'sincos' (sine and cosine of the row "
+                                          f"and of the column), got {model['width']}")
+        if known("input_size", "patch_size"):
+            input_size, patch_size = model["input_size"], model["patch_size"]
+            if any(side % patch for side, patch in zip(input_size, patch_size)):
+                problems.add(at + ("patch_size",), f"expected a divisor of model.input_size {input_size} on each "
+                                                   f"axis, got {patch_size}")
+
+
+class _DiffiT:
+    """DiffiT: resolution stages outermost first; stage i works at input_size / 2**i."""
+
+    per_stage = ("depths", "num_heads", "window_size", "dropout_rate")
+
+    @staticmethod
+    def _stage_sizes(model: dict, problems: _Problems):
+        """[[h, w] of each stage], or None (and a problem) if input_size does not halve that many times."""
+        at = ("model",)
+        if not problems.ok(at + ("input_size",), at + ("widths",)):
+            return None
+        n_stages, input_size = len(model["widths"]), model["input_size"]
+        factor = 2 ** (n_stages - 1)
+        if any(side % factor for side in input_size):
+            problems.add(at + ("input_size",), f"expected a multiple of {factor} on each axis for the {n_stages} "
+                                               f"stages of model.widths, got {input_size}")
+            return None
+        return [[side >> stage for side in input_size] for stage in range(n_stages)]
+
+    @classmethod
+    def fill_defaults(cls, model: dict, problems: _Problems):
+        at = ("model",)
+        if problems.ok(at + ("sigma_data",), at + ("soft_min_snr_gamma",)) and model["soft_min_snr_gamma"] is None:
+            # gamma = sigma_data**-2 makes 1 / (sigma**2 + 1 / gamma) k-diffusion's soft-min-snr weighting.
+            model["soft_min_snr_gamma"] = model["sigma_data"] ** -2
+        if not problems.ok(at + ("widths",)):
+            return
+        widths = model["widths"]
+        if problems.ok(at + ("time_width",)) and model["time_width"] is None:
+            model["time_width"] = 4 * widths[0]
+        for key in ("num_heads", "dropout_rate"):
+            if problems.ok(at + (key,)) and not isinstance(model[key], list):
+                model[key] = [model[key]] * len(widths)
+        sizes = cls._stage_sizes(model, problems)
+        window_size = model["window_size"]
+        if problems.ok(at + ("window_size",)) and not isinstance(window_size, list) and sizes:
+            # One number is a largest window: stages whose feature map is smaller attend over all of it.
+            windows = [min(window_size, *size) for size in sizes]
+            for stage, (window, size) in enumerate(zip(windows, sizes)):
+                if any(side % window for side in size):
+                    problems.add(at + ("window_size",),
+                                 f"expected a divisor of the feature map of stage {stage}, {size}, or a list of "
+                                 f"windows, one per stage, got {window_size}")
+                    return
+            model["window_size"] = windows
+
+    @classmethod
+    def check(cls, model: dict, problems: _Problems):
+        at = ("model",)
+        if not problems.ok(at + ("widths",)):
+            return
+        widths = model["widths"]
+        n_stages = len(widths)
+        for key in cls.per_stage:
+            value = model.get(key)
+            if problems.ok(at + (key,)) and isinstance(value, list) and len(value) != n_stages:
+                problems.add(at + (key,), f"expected {_count(n_stages, 'entry', 'entries')} (one per stage, as in "
+                                          f"model.widths), got {len(value)}")
+        for stage, width in enumerate(widths):
+            if problems.ok(at + ("num_heads",)) and width % model["num_heads"][stage]:
+                problems.add(at + ("widths", stage), f"expected a multiple of {model['num_heads'][stage]} "
+                                                     f"(model.num_heads[{stage}]), got {width}")
+            if problems.ok(at + ("num_groups",)) and width % model["num_groups"]:
+                problems.add(at + ("widths", stage), f"expected a multiple of {model['num_groups']} "
+                                                     f"(model.num_groups), got {width}")
+        if problems.ok(at + ("time_width",)) and model["time_width"] % 2:
+            problems.add(at + ("time_width",), f"expected an even number (Fourier features), got {model['time_width']}")
+        sizes = cls._stage_sizes(model, problems)
+        if sizes and problems.ok(at + ("window_size",)) and isinstance(model["window_size"], list):
+            for stage, (window, size) in enumerate(zip(model["window_size"], sizes)):
+                if any(side % window for side in size):
+                    problems.add(at + ("window_size", stage), f"expected a divisor of the feature map of stage "
+                                                              f"{stage}, {size}, got {window}")
+
+
+_MODEL_TYPES = {"image_transformer_v2": _ImageTransformerV2, "dit": _DiT, "diffit": _DiffiT}
 
 
 # --- Reference documentation generated from the schema --------------------------------------------------------

@@ -104,6 +104,37 @@ def test_flex_matches_reference(h, w, kernel_size):
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("h, w, kernel_size", [(16, 32, 7), (32, 64, 7), (32, 32, 31), (24, 40, 7), (30, 50, 11)])
+def test_neighborhood_block_mask_agrees_with_create_block_mask(h, w, kernel_size):
+    """The block mask computed from block bounding boxes marks the same partial and full blocks as torch's
+    create_block_mask, which evaluates every (query, key) pair, on grids that tile (16x32, 32x64, 32x32 with full
+    blocks at kernel 31); on grids that do not tile (row-major blocks wrap rows) it marks a superset as partial."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from hdiffusion.models.attention import _neighborhood_mask_mod, _tile_shape, neighborhood_block_mask
+
+    tile = _tile_shape(h, w)
+    expected = create_block_mask(_neighborhood_mask_mod(h, w, kernel_size, tile), None, None, h * w, h * w, "cpu")
+    actual = neighborhood_block_mask(h, w, kernel_size, torch.device("cpu"))
+
+    def blocks(block_mask, full):  # dense [q_blocks, kv_blocks] bool of the partial or the full blocks
+        counts = block_mask.full_kv_num_blocks if full else block_mask.kv_num_blocks
+        indices = block_mask.full_kv_indices if full else block_mask.kv_indices
+        dense = torch.zeros(block_mask.kv_indices.shape[-2:], dtype=torch.bool)
+        if counts is not None:
+            for row, (count, index) in enumerate(zip(counts[0, 0], indices[0, 0])):
+                dense[row, index[:count].long()] = True
+        return dense
+
+    if tile != (1, w):
+        assert torch.equal(blocks(actual, full=False), blocks(expected, full=False))
+        assert torch.equal(blocks(actual, full=True), blocks(expected, full=True))
+    else:
+        needed = blocks(expected, full=False) | blocks(expected, full=True)
+        assert (blocks(actual, full=False) | blocks(actual, full=True))[needed].all()
+    assert blocks(expected, full=True).sum() == (24 if kernel_size == 31 else 0)
+
+
 def test_natten_matches_reference_with_cosine_sim_scale():
     """The HDiT case: unit q, k times sqrt(10), softmax scale 1.0."""
     pytest.importorskip("natten")

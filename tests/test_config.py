@@ -222,7 +222,7 @@ BAD = {
         {"model.loss_weighting": "min-snr"},
         "model.loss_weighting: expected one of 'karras', 'soft-min-snr', 'snr', got 'min-snr'"),
     "model type": (
-        {"model.type": "dit"}, "model.type: expected 'image_transformer_v2', got 'dit'"),
+        {"model.type": "unet"}, "model.type: expected one of 'image_transformer_v2', 'dit', 'diffit', got 'unet'"),
     "const": (
         {"model.loss_scales": 2}, "model.loss_scales: expected 1 (the only supported value), got 2"),
     "unknown top-level key": (

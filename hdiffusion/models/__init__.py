@@ -38,8 +38,50 @@ def _image_transformer_v2(model_config, num_classes):
     return model
 
 
+def _dit(model_config, num_classes):
+    from .dit import DiT
+
+    return DiT(
+        in_channels=model_config["input_channels"],
+        input_size=model_config["input_size"],
+        patch_size=model_config["patch_size"],
+        depth=model_config["depth"],
+        width=model_config["width"],
+        num_heads=model_config["num_heads"],
+        mlp_ratio=model_config["mlp_ratio"],
+        pos_emb=model_config["pos_emb"],
+        dropout_rate=model_config["dropout_rate"],
+        num_classes=num_classes,
+        mapping_cond_dim=model_config["mapping_cond_dim"],
+        checkpointing=model_config.get("checkpointing", False),
+    )
+
+
+def _diffit(model_config, num_classes):
+    from .diffit import DiffiT
+
+    model = DiffiT(
+        in_channels=model_config["input_channels"],
+        out_channels=model_config["input_channels"],
+        widths=model_config["widths"],
+        depths=model_config["depths"],
+        num_heads=model_config["num_heads"],
+        window_sizes=model_config["window_size"],
+        time_width=model_config["time_width"],
+        mlp_ratio=model_config["mlp_ratio"],
+        num_groups=model_config["num_groups"],
+        dropout_rates=model_config["dropout_rate"],
+        num_classes=num_classes,
+        checkpointing=model_config.get("checkpointing", False),
+    )
+    model.check_input_size(*model_config["input_size"])  # fail at startup, not at the first training step
+    return model
+
+
 MODELS = {
     "image_transformer_v2": _image_transformer_v2,
+    "dit": _dit,
+    "diffit": _diffit,
 }
 
 
@@ -67,11 +109,13 @@ def compile_blocks(model):
     """
     import torch
 
+    from .diffit import DiffiTResBlock
+    from .dit import DiTBlock
     from .hdit import TransformerLayer
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
     for module in model.modules():
-        if isinstance(module, TransformerLayer):
+        if isinstance(module, (TransformerLayer, DiTBlock, DiffiTResBlock)):
             module.compile(dynamic=False)
     return model

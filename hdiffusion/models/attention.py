@@ -82,11 +82,15 @@ def check_neighborhood_fits(h, w, kernel_size):
         )
 
 
+def window_start(position, n, kernel_size):
+    """First key index of the window of a query at `position` (a tensor) on an axis of n tokens: centred on the
+    query, shifted inward at the borders so that every query sees exactly kernel_size keys (NATTEN's definition)."""
+    return (position - kernel_size // 2).clamp(0, n - kernel_size)
+
+
 def neighborhood_window_start(n, kernel_size, device=None):
-    """First key index of each query's window along one axis: centred on the query, shifted inward at the
-    borders so that every query sees exactly kernel_size keys (NATTEN's definition)."""
-    i = torch.arange(n, device=device)
-    return (i - kernel_size // 2).clamp(0, n - kernel_size)
+    """window_start of every query along one axis, [n]."""
+    return window_start(torch.arange(n, device=device), n, kernel_size)
 
 
 @functools.lru_cache(maxsize=32)
@@ -169,23 +173,79 @@ def _tile_coords(index, w, tile):
     return (tile_index // (w // tw)) * th + within // tw, (tile_index % (w // tw)) * tw + within % tw
 
 
+def _block_bounds(h, w, tile, block_size, device):
+    """Per block of block_size tokens in tiled order, the bounding box of its tokens: ((row min, row max),
+    (col min, col max)), each [blocks]. A last partial block repeats its last token, which leaves its box as is."""
+    index = torch.arange(h * w, device=device)
+    index = torch.cat([index, index[-1:].expand(-(h * w) % block_size)]).view(-1, block_size)
+    rows, cols = _tile_coords(index, w, tile)
+    return (rows.amin(1), rows.amax(1)), (cols.amin(1), cols.amax(1))
+
+
 @torch.compiler.disable  # built once per grid and cached, outside any compiled region
 @functools.lru_cache(maxsize=32)
-def neighborhood_block_mask(h, w, kernel_size, device):
-    from torch.nn.attention.flex_attention import create_block_mask
+def neighborhood_block_mask(h, w, kernel_size, device, block_size=128):
+    """FlexAttention's block mask for neighborhood attention over tiled tokens, computed from block bounding boxes.
+
+    torch's create_block_mask evaluates the mask for every (query, key) pair: at a 256x256 token grid that is
+    4.3e9 pairs and tens of GiB of temporaries. Here each block of queries is a box of tokens whose neighborhoods
+    cover a box of keys (their union) and share a box of keys (their intersection); a key block whose box meets
+    the union is partial (the mask_mod decides per pair), one whose box lies inside the intersection is full (no
+    mask needed). Memory and time grow with blocks^2, not tokens^2. Boxes over-approximate blocks that wrap a row
+    (grids that do not tile), which only turns would-be skipped or full blocks into partial ones: still exact.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
 
     tile = _tile_shape(h, w)
+    with torch.inference_mode(False):  # a mask cached under inference mode would be unusable in training later
+        return BlockMask.from_kv_blocks(*_neighborhood_blocks(h, w, kernel_size, tile, block_size, device),
+                                        BLOCK_SIZE=block_size, mask_mod=_neighborhood_mask_mod(h, w, kernel_size, tile),
+                                        seq_lengths=(h * w, h * w))
+
+
+def _neighborhood_blocks(h, w, kernel_size, tile, block_size, device):
+    """(partial counts, partial indices, full counts, full indices) in BlockMask.from_kv_blocks's layout."""
+    rows, cols = _block_bounds(h, w, tile, block_size, device)
+
+    def key_spans(bounds, n):
+        """Per query block [q_blocks, 1]: the keys its queries' windows cover (union) and share (intersection),
+        as half-open [lo, hi) along one axis. Window starts grow with the query position."""
+        lo, hi = (window_start(t, n, kernel_size)[:, None] for t in bounds)
+        return (lo, hi + kernel_size), (hi, lo + kernel_size)
+
+    def key_box(bounds):  # per key block [1, kv_blocks], half-open
+        return bounds[0][None], bounds[1][None] + 1
+
+    def overlaps(a, b):
+        return (a[0] < b[1]) & (b[0] < a[1])
+
+    def contains(outer, inner):
+        return (outer[0] <= inner[0]) & (inner[1] <= outer[1])
+
+    (union_rows, common_rows), (union_cols, common_cols) = key_spans(rows, h), key_spans(cols, w)
+    key_rows, key_cols = key_box(rows), key_box(cols)
+    meets = overlaps(union_rows, key_rows) & overlaps(union_cols, key_cols)
+    inside = contains(common_rows, key_rows) & contains(common_cols, key_cols)
+
+    def as_indices(blocks):  # [q_blocks, kv_blocks] bool -> counts [1, 1, q_blocks], indices of the set ones first
+        counts = blocks.sum(1, dtype=torch.int32)
+        indices = blocks.int().argsort(dim=1, descending=True, stable=True).int()
+        return counts[None, None], indices[None, None]
+
+    return (*as_indices(meets & ~inside), *as_indices(meets & inside))
+
+
+def _neighborhood_mask_mod(h, w, kernel_size, tile):
+    """FlexAttention mask_mod: may the query at tiled index q_index see the key at kv_index?"""
 
     def mask_mod(batch, head, q_index, kv_index):
         q_row, q_col = _tile_coords(q_index, w, tile)
         kv_row, kv_col = _tile_coords(kv_index, w, tile)
-        row_start = (q_row - kernel_size // 2).clamp(0, h - kernel_size)
-        col_start = (q_col - kernel_size // 2).clamp(0, w - kernel_size)
+        row_start, col_start = window_start(q_row, h, kernel_size), window_start(q_col, w, kernel_size)
         return ((kv_row >= row_start) & (kv_row < row_start + kernel_size)
                 & (kv_col >= col_start) & (kv_col < col_start + kernel_size))
 
-    with torch.inference_mode(False):
-        return create_block_mask(mask_mod, None, None, h * w, h * w, device=device)
+    return mask_mod
 
 
 @functools.cache
@@ -233,8 +293,12 @@ def shifted_window_mask(n_windows_h, n_windows_w, window_size, shift, device=Non
         return region[..., :, None] == region[..., None, :]
 
 
-def shifted_window_attention(q, k, v, window_size, shift=0, scale=1.0):
-    """Attention within non-overlapping window_size x window_size windows of the grid rolled by `shift`."""
+def shifted_window_attention(q, k, v, window_size, shift=0, scale=1.0, bias=None):
+    """Attention within non-overlapping window_size x window_size windows of the grid rolled by `shift`.
+
+    bias: None, or [heads, ws^2, ws^2] added to the logits of every window, query by key in row-major order
+    within the window (a relative position bias: Swin, DiffiT).
+    """
     n, h, w, heads, d = q.shape
     check_window_fits(h, w, window_size)
     nh, nw, ws = h // window_size, w // window_size, window_size
@@ -244,6 +308,9 @@ def shifted_window_attention(q, k, v, window_size, shift=0, scale=1.0):
         return t.view(n, nh, ws, nw, ws, heads, d).permute(0, 5, 1, 3, 2, 4, 6).reshape(n, heads, nh, nw, ws * ws, d)
 
     mask = shifted_window_mask(nh, nw, ws, shift, q.device) if shift else None
+    if bias is not None:  # additive mask [heads, 1, 1, ws^2, ws^2], broadcast over the batch and the windows
+        bias = bias.to(q.dtype)[:, None, None]
+        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
     x = F.scaled_dot_product_attention(to_windows(q), to_windows(k), to_windows(v), attn_mask=mask, scale=scale)
     x = x.view(n, heads, nh, nw, ws, ws, d).permute(0, 2, 4, 3, 5, 1, 6).reshape(n, h, w, heads, d)
     return torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
@@ -297,5 +364,5 @@ class ShiftedWindowAttention(GridAttention):
     def keys_per_query(self, h, w):
         return self.window_size**2
 
-    def forward(self, q, k, v):
-        return shifted_window_attention(q, k, v, self.window_size, self.shift, self.scale)
+    def forward(self, q, k, v, bias=None):
+        return shifted_window_attention(q, k, v, self.window_size, self.shift, self.scale, bias)

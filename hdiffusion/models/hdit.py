@@ -10,9 +10,9 @@ Tokens are [N, H, W, C] throughout; attention heads are [N, H, W, heads, d] (see
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .attention import GlobalAttention, NeighborhoodAttention, ShiftedWindowAttention
+from .conditioning import AUG_COND_FEATURES, check_conditioning, checkpoint, param_groups
 from .layers import (
     AdaRMSNorm,
     AxialRoPE,
@@ -32,14 +32,6 @@ from .layers import (
 ATTENTION_TYPES = ("global", "neighborhood", "shifted-window", "none")
 DEFAULT_SELF_ATTN = {"type": "neighborhood", "d_head": 64, "kernel_size": 7}
 DEFAULT_MIDDLE_SELF_ATTN = {"type": "global", "d_head": 64}
-AUG_COND_FEATURES = 9  # k-diffusion's non-leaky augmentation conditioning vector
-
-
-def checkpoint(function, *args, enabled):
-    """function(*args), recomputed in backward instead of keeping its activations when enabled."""
-    if enabled and torch.is_grad_enabled():
-        return _checkpoint(function, *args, use_reentrant=False)
-    return function(*args)
 
 
 # Self-attention specs: {"type": "global", "d_head": 64} | {"type": "neighborhood", "d_head": 64, "kernel_size": 7}
@@ -286,49 +278,16 @@ class HDiT(nn.Module):
         decayed = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear) and m not in conditioning_in_projs}
         mapping = {id(p) for p in self.mapping.parameters()}
         mapping |= {id(p) for m in self.modules() if isinstance(m, AdaRMSNorm) for p in m.parameters()}
-        groups = []
-        for is_mapping in (False, True):
-            for is_decayed in (True, False):
-                params = [
-                    p for p in self.parameters()
-                    if (id(p) in mapping) == is_mapping and (id(p) in decayed) == is_decayed
-                ]
-                if params:
-                    groups.append({
-                        "params": params,
-                        "lr": lr * mapping_lr_scale if is_mapping else lr,
-                        "weight_decay": weight_decay if is_decayed else 0.0,
-                    })
-        return groups
+        return param_groups(self, lr, weight_decay, decayed, mapping, mapping_lr_scale)
 
     def mapping_input(self, n, c_noise, aug_cond, class_cond, mapping_cond):
         """Sum of the conditioning embeddings, [N, mapping_width]."""
-        if c_noise.shape != (n,):
-            raise ValueError(f"HDiT: c_noise must have shape [{n}], got {list(c_noise.shape)}")
-        if aug_cond is None:
-            aug_cond = c_noise.new_zeros([n, AUG_COND_FEATURES])
-        elif aug_cond.shape != (n, AUG_COND_FEATURES):
-            raise ValueError(f"HDiT: aug_cond must have shape [{n}, {AUG_COND_FEATURES}], got {list(aug_cond.shape)}")
+        aug_cond = check_conditioning(self, n, c_noise, aug_cond, class_cond, mapping_cond)
         emb = self.time_in_proj(self.time_emb(c_noise[:, None])) + self.aug_in_proj(self.aug_emb(aug_cond))
-
         if self.class_emb is not None:
-            if class_cond is None:
-                raise ValueError(f"HDiT: class_cond is required: the model has num_classes={self.num_classes} "
-                                 f"(pass index {self.num_classes} for the unconditional / null class)")
-            if class_cond.shape != (n,) or class_cond.is_floating_point():
-                raise ValueError(f"HDiT: class_cond must be an integer tensor of shape [{n}], "
-                                 f"got {class_cond.dtype} {list(class_cond.shape)}")
             emb = emb + self.class_emb(class_cond)
-        elif class_cond is not None:
-            raise ValueError("HDiT: class_cond given to an unconditional model (num_classes=0)")
-
         if self.mapping_cond_in_proj is not None:
-            if mapping_cond is None or mapping_cond.shape != (n, self.mapping_cond_dim):
-                got = None if mapping_cond is None else list(mapping_cond.shape)
-                raise ValueError(f"HDiT: mapping_cond of shape [{n}, {self.mapping_cond_dim}] is required, got {got}")
             emb = emb + self.mapping_cond_in_proj(mapping_cond)
-        elif mapping_cond is not None:
-            raise ValueError("HDiT: mapping_cond given to a model with mapping_cond_dim=0")
         return emb
 
     def forward(self, x, c_noise, aug_cond=None, class_cond=None, mapping_cond=None):
