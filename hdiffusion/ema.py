@@ -17,13 +17,19 @@ def ema_decay(num_updates, ema_config):
 
 
 @torch.no_grad()
-def ema_update(ema_model, model, decay):
+def ema_update(ema_model, model, decay, apply=None):
     """ema <- decay * ema + (1 - decay) * model, parameters and floating-point buffers alike.
 
-    ema_model is a deep copy of model, so their parameters come in the same order; one fused lerp over all of
-    them runs every optimizer step instead of a kernel per tensor.
+    ema_model is a deep copy of model, so their parameters come in the same order; fused foreach kernels over all
+    of them run every optimizer step instead of a kernel per tensor. `apply`, a 0-d bool tensor, makes the update
+    conditional on the device (false: the EMA stays as it is) without the host reading it.
     """
     ema_params, model_params = list(ema_model.parameters()), [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+    if apply is None:
+        torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+    else:
+        updates = torch._foreach_sub(model_params, ema_params)
+        torch._foreach_mul_(updates, apply * (1.0 - decay))  # a tensor factor: no host sync
+        torch._foreach_add_(ema_params, updates)
     for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers()):
         ema_buffer.copy_(buffer)

@@ -9,13 +9,17 @@ import torch
 
 
 def make_optimizer(optimizer_config, param_groups):
+    """The fused torch optimizer: one kernel per step and device, and it can skip a step on the device (it honours
+    a found_inf tensor, as under a gradient scaler: see training.step_unless), so skipping never syncs the host."""
     kind = optimizer_config["type"]
     if kind == "adamw":
         return torch.optim.AdamW(param_groups, lr=optimizer_config["lr"], betas=tuple(optimizer_config["betas"]),
-                                 eps=optimizer_config["eps"], weight_decay=optimizer_config["weight_decay"])
+                                 eps=optimizer_config["eps"], weight_decay=optimizer_config["weight_decay"],
+                                 fused=True)
     if kind == "sgd":
         return torch.optim.SGD(param_groups, lr=optimizer_config["lr"], momentum=optimizer_config["momentum"],
-                               nesterov=optimizer_config["nesterov"], weight_decay=optimizer_config["weight_decay"])
+                               nesterov=optimizer_config["nesterov"], weight_decay=optimizer_config["weight_decay"],
+                               fused=True)
     raise ValueError(f"unknown optimizer type {kind!r}")
 
 

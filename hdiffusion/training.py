@@ -190,14 +190,56 @@ def any_process(accelerator, flag):
     return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum").item() > 0
 
 
-def step_is_finite(step_loss, model, check_gradients):
-    """Whether this process's loss of the step and the gradients are finite. The gradients are all-reduced, so
-    every process sees the same ones; under fp16 their overflows are the gradient scaler's to skip."""
-    finite = torch.isfinite(step_loss)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if check_gradients and grads:
-        finite &= torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf")))  # max |g|: NaN and inf stay
-    return bool(finite)
+class StepGuard:
+    """Skips the optimizer steps whose loss or gradients are not finite, and lets the processes agree on stopping,
+    without making the host wait for the GPU at every step.
+
+    Whether a step is finite stays a tensor on the device: the fused optimizer takes it as found_inf, as it would
+    from a gradient scaler, and leaves the weights and its state as they were; the counts of skipped steps are
+    tensors too. The host reads them, with the processes' agreement on a stop request, one step late (`exchange`),
+    when the GPU has finished that step: it never waits for the step it has just queued, so the GPU never idles
+    while the host prepares the next one.
+    """
+
+    def __init__(self, accelerator, in_a_row=0, total=0):
+        self.accelerator, self.device = accelerator, accelerator.device
+        self.in_a_row = torch.tensor(in_a_row, device=self.device)
+        self.total = torch.tensor(total, device=self.device)
+        self.pending = None
+
+    def check(self, step_loss, model, check_gradients):
+        """A 0-d bool tensor: the step's loss is finite on every process, and so are its gradients (all-reduced,
+        the same everywhere; under fp16 their overflows are the gradient scaler's to skip). Counts it."""
+        finite = torch.isfinite(step_loss)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if check_gradients and grads:
+            finite &= torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf")))  # max |g|: NaN and inf stay
+        if self.accelerator.num_processes > 1:
+            finite = self.accelerator.reduce(finite.float(), "sum") == self.accelerator.num_processes
+        self.in_a_row = torch.where(finite, 0, self.in_a_row + 1)
+        self.total = self.total + (~finite).long()
+        return finite
+
+    def exchange(self, stop_requested):
+        """Queue this step's state and return the previous step's, read now: (a stop requested on any process,
+        non-finite steps in a row, non-finite steps in all), or None at the first step of the run."""
+        flag = torch.full((), float(stop_requested), device=self.device)  # a fill, not a host-to-device copy
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, "sum")
+        previous, self.pending = self.pending, torch.stack([flag, self.in_a_row.float(), self.total.float()])
+        if previous is None:
+            return None
+        stop, in_a_row, total = previous.tolist()
+        return stop > 0, int(in_a_row), int(total)
+
+
+def step_unless(optimizer, finite):
+    """optimizer.step(), which leaves the weights and its state as they are where `finite` is false.
+
+    accelerate's wrapper holds the torch optimizer; a gradient scaler (fp16) sets found_inf itself."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner.found_inf = (~finite).float()
+    optimizer.step()
 
 
 @contextmanager
@@ -352,8 +394,8 @@ def train(options: TrainOptions) -> int:
 
     # Non-finite steps are skipped and counted; the counts are saved, so a resumed run stops where the original
     # would have.
-    nonfinite_in_a_row = state.info.get("nonfinite_in_a_row", 0) if state else 0
-    nonfinite_total = state.info.get("nonfinite_total", 0) if state else 0
+    guard = StepGuard(accelerator, *(state.info.get(key, 0) if state else 0
+                                     for key in ("nonfinite_in_a_row", "nonfinite_total")))
     saved_step, last_checkpoint = start_step, state.path if state else None
 
     def save(step):
@@ -363,7 +405,7 @@ def train(options: TrainOptions) -> int:
         accelerator.wait_for_everyone()
         failure = None
         if accelerator.is_main_process:
-            counts = {"nonfinite_in_a_row": nonfinite_in_a_row, "nonfinite_total": nonfinite_total}
+            counts = {"nonfinite_in_a_row": int(guard.in_a_row), "nonfinite_total": int(guard.total)}
             try:
                 with reported_as_storage_error(run_dir):
                     ckpt.save_checkpoint(run_dir, step, inner_model.state_dict(), ema_model.state_dict(),
@@ -410,7 +452,9 @@ def train(options: TrainOptions) -> int:
     check_gradients = accelerator.mixed_precision != "fp16"
     progress = tqdm(initial=start_step, total=None if end_step == math.inf else end_step, unit="step",
                     disable=not (accelerator.is_main_process and options.progress), dynamic_ncols=True)
-    step, loss_total, loss_count, images_since, timer = start_step, 0.0, 0, 0, time.perf_counter()
+    step, images_since, timer = start_step, 0, time.perf_counter()
+    loss_total, loss_count = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
+    reported_nonfinite = int(guard.total)
     model.train()
     with SignalFlag() as stop, progress:
         while step < end_step:
@@ -432,45 +476,54 @@ def train(options: TrainOptions) -> int:
                     accelerator.backward(loss / options.grad_accum_steps)
                 step_loss += loss.detach()
 
-            # Apply it, or skip it (every process alike) when its loss or gradients are not finite.
+            # Apply it, or skip it (every process alike, decided on the device) when its loss or gradients are
+            # not finite.
             decay = ema_decay(step, config["ema_sched"])
-            skip = any_process(accelerator, not step_is_finite(step_loss, model, check_gradients))
-            if skip:
-                nonfinite_in_a_row, nonfinite_total = nonfinite_in_a_row + 1, nonfinite_total + 1
-                if accelerator.is_main_process:
-                    tqdm.write(f"step {step + 1}: non-finite loss or gradients; skipped ({nonfinite_in_a_row} in "
-                               f"a row, {nonfinite_total} in all)")
-            else:
-                if options.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), options.grad_clip)
-                optimizer.step()
-                ema_update(ema_model, inner_model, decay)
-                loss_total, loss_count, nonfinite_in_a_row = loss_total + step_loss, loss_count + 1, 0
+            finite = guard.check(step_loss, model, check_gradients)
+            if options.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), options.grad_clip)
+            step_unless(optimizer, finite)
+            ema_update(ema_model, inner_model, decay, apply=finite)
+            loss_total, loss_count = loss_total + torch.where(finite, step_loss, 0), loss_count + finite
             optimizer.zero_grad(set_to_none=True)
             step += 1
             images_since += options.batch_size
             progress.update(1)
+            status = guard.exchange(stop.received is not None)  # the previous step's, read now: see StepGuard
+            stopping, in_a_row, nonfinite_total = status or (False, 0, reported_nonfinite)
+            if nonfinite_total > reported_nonfinite and accelerator.is_main_process:
+                tqdm.write(f"step {step - 1}: non-finite loss or gradients; skipped ({in_a_row} in a row, "
+                           f"{nonfinite_total} in all)")
+            reported_nonfinite = nonfinite_total
+            if in_a_row >= options.max_nonfinite_steps:  # before this step is logged or saved: it is discarded
+                last_bad = step - 1  # the status is one step late
+                raise DivergedError(
+                    f"step {last_bad}: the loss or the gradients were non-finite in {in_a_row} steps in a row "
+                    f"(steps {last_bad - in_a_row + 1} to {last_bad}, all skipped; --max-nonfinite-steps "
+                    f"{options.max_nonfinite_steps}); the last good checkpoint is "
+                    + (f"{last_checkpoint}: resume from it with a lower --lr, or check the data" if last_checkpoint
+                       else "none: no checkpoint was saved yet; lower --lr, or check the data"))
 
             if step % options.log_every == 0 or step == end_step:
-                loss_mean = None  # when every step since the last line was skipped
-                if loss_count:
-                    loss_mean = accelerator.reduce(loss_total / (loss_count * options.grad_accum_steps), "mean").item()
+                count = int(loss_count)  # when 0, every step since the last line was skipped
+                loss_mean = accelerator.reduce(loss_total / max(count, 1), "mean").item() / options.grad_accum_steps
                 elapsed = time.perf_counter() - timer
-                record = {"step": step, "kimg": step * options.batch_size / 1000, "loss": loss_mean, "lr": lr,
-                          "ema_decay": decay, "img_per_s": images_since / elapsed, "nonfinite_steps": nonfinite_total}
+                record = {"step": step, "kimg": step * options.batch_size / 1000, "loss": loss_mean if count else None,
+                          "lr": lr, "ema_decay": decay, "img_per_s": images_since / elapsed,
+                          "nonfinite_steps": int(guard.total)}
                 if accelerator.is_main_process:
                     with reported_as_storage_error(run_dir):
                         append_metrics(metrics_file, record)
-                    progress.set_postfix(loss=f"{loss_mean:.4f}" if loss_count else "-",
+                    progress.set_postfix(loss=f"{loss_mean:.4f}" if count else "-",
                                          img_s=f"{record['img_per_s']:.1f}", lr=f"{lr:.2e}")
                 accelerator.log({k: v for k, v in record.items() if v is not None}, step=step)
-                loss_total, loss_count, images_since, timer = 0.0, 0, 0, time.perf_counter()
+                loss_total, loss_count = torch.zeros_like(loss_total), torch.zeros_like(loss_count)
+                images_since, timer = 0, time.perf_counter()
 
             if options.demo_every and step % options.demo_every == 0:
                 demo(step)
             if evaluator is not None and step % options.evaluate_every == 0:
                 evaluate(step)
-            stopping = any_process(accelerator, stop.received is not None)  # all processes stop at one step
             if stopping or step % options.save_every == 0 or step == end_step:
                 save(step)
             if stopping:
@@ -478,12 +531,8 @@ def train(options: TrainOptions) -> int:
                                   f"run the same command again to resume")
                 accelerator.end_training()
                 return PREEMPTED_EXIT_CODE
-            if nonfinite_in_a_row >= options.max_nonfinite_steps:
-                raise DivergedError(
-                    f"step {step}: the loss or the gradients were non-finite in {nonfinite_in_a_row} steps in a row "
-                    f"(steps {step - nonfinite_in_a_row + 1} to {step}, all skipped; --max-nonfinite-steps "
-                    f"{options.max_nonfinite_steps}); the last good checkpoint is "
-                    + (f"{last_checkpoint}: resume from it with a lower --lr, or check the data" if last_checkpoint
-                       else "none: no checkpoint was saved yet; lower --lr, or check the data"))
+    status = guard.exchange(False)  # the last step's, so that its skip is reported too
+    if status and status[2] > reported_nonfinite and accelerator.is_main_process:
+        tqdm.write(f"step {step}: non-finite loss or gradients; skipped ({status[1]} in a row, {status[2]} in all)")
     accelerator.end_training()
     return 0
