@@ -5,6 +5,7 @@
 set -euo pipefail
 OUT=${OUT:-benchmarks/results/ddp}
 STEPS=${STEPS:-200}
+PER_CLASS=${PER_CLASS:-40}  # random images per class (1,000 classes)
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -12,7 +13,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader; nvidia-smi topo -m || true
-python3 benchmarks/make_random_imagefolder.py data/imagenet128 --classes 1000 --per-class 40 --size 128
+python3 benchmarks/make_random_imagefolder.py data/imagenet128 --classes 1000 --per-class "$PER_CLASS" --size 128
 for N in 1 2; do
   MULTI=$([ "$N" -gt 1 ] && echo --multi_gpu || true)
   accelerate launch $MULTI --num_processes $N --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
