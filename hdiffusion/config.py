@@ -437,6 +437,16 @@ def _fill_soft_min_snr_gamma(model: dict, problems: _Problems):
         model["soft_min_snr_gamma"] = model["sigma_data"] ** -2
 
 
+def _check_lengths(model: dict, keys, unit: str, problems: _Problems):
+    """Each list in `keys` has one entry per `unit` (level, stage), as model.widths has."""
+    n = len(model["widths"])
+    for key in keys:
+        value = model.get(key)
+        if problems.ok(("model", key)) and isinstance(value, list) and len(value) != n:
+            problems.add(("model", key), f"expected {_count(n, 'entry', 'entries')} (one per {unit}, as in "
+                                         f"model.widths), got {len(value)}")
+
+
 class _ImageTransformerV2:
     """HDiT: levels outermost first; each level after the first merges 2x2 tokens, halving the token grid."""
 
@@ -467,11 +477,7 @@ class _ImageTransformerV2:
             return
         widths = model["widths"]
         n_levels = len(widths)
-        for key in cls.per_level:
-            value = model.get(key)
-            if problems.ok(at + (key,)) and isinstance(value, list) and len(value) != n_levels:
-                problems.add(at + (key,), f"expected {_count(n_levels, 'entry', 'entries')} (one per level, as in "
-                                          f"model.widths), got {len(value)}")
+        _check_lengths(model, cls.per_level, "level", problems)
         grid = cls._token_grid(model, n_levels, problems)
         if not problems.ok(at + ("self_attns",)):
             return
@@ -609,12 +615,7 @@ class _DiffiT:
         if not problems.ok(at + ("widths",)):
             return
         widths = model["widths"]
-        n_stages = len(widths)
-        for key in cls.per_stage:
-            value = model.get(key)
-            if problems.ok(at + (key,)) and isinstance(value, list) and len(value) != n_stages:
-                problems.add(at + (key,), f"expected {_count(n_stages, 'entry', 'entries')} (one per stage, as in "
-                                          f"model.widths), got {len(value)}")
+        _check_lengths(model, cls.per_stage, "stage", problems)
         for stage, width in enumerate(widths):
             if problems.ok(at + ("num_heads",)) and width % model["num_heads"][stage]:
                 problems.add(at + ("widths", stage), f"expected a multiple of {model['num_heads'][stage]} "
