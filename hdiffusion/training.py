@@ -7,8 +7,9 @@ checkpoint of step t continues exactly as if it had never stopped, without stori
 with 2 accumulation steps computes the same step as 2 processes with 1 (bitwise on CPU, tested).
 
 A step whose loss or gradients are not finite is skipped by every process alike and counted; too many in a row
-stop the run (DivergedError). A signal saves and stops at the end of the step; a failed write stops with the last
-checkpoint intact (StorageError). Exit codes: errors.py.
+stop the run (DivergedError). A signal saves and stops at the end of the next step (the processes agree on it one
+step late, so that the host never waits for the GPU: StepGuard); a failed write stops with the last checkpoint
+intact (StorageError). Exit codes: errors.py.
 """
 
 import copy
