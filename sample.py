@@ -7,7 +7,7 @@ processes (`accelerate launch sample.py ...` splits the seeds between the proces
 import argparse
 import sys
 
-from hdiffusion.errors import ArgumentParser, UsageError
+from hdiffusion.errors import ArgumentParser, RunError, UsageError
 from hdiffusion.sampling import SAMPLERS
 
 SAMPLER_NAMES = list(SAMPLERS)
@@ -85,7 +85,7 @@ def main(argv=None):
             class_label=args.class_label, classes=classes, batch_size=args.batch_size, grid=args.grid,
             ema=args.ema, precision=args.precision, device=args.device, progress=args.progress)
         return sample_to_directory(options)
-    except UsageError as error:
+    except RunError as error:  # bad input (2), an unwritable --out-dir (74): one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
 

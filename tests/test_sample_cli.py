@@ -49,6 +49,16 @@ def test_sample_is_reproducible_per_seed(run_dir, tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_an_unwritable_out_dir_is_one_line_and_exit_74(run_dir, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code = sample_cli.main(["--checkpoint", str(run_dir), "--n", "1", "--steps", "2", "--out-dir",
+                            str(blocker / "samples"), "--no-progress"])
+    assert code == 74
+    assert capsys.readouterr().err == (f"error: cannot write {blocker / 'samples'}: Not a directory; free space or "
+                                       "choose another --out-dir\n")
+
+
 def test_sampler_names_match_the_package():
     assert sample_cli.SAMPLER_NAMES == list(SAMPLERS)
 
