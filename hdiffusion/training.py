@@ -234,6 +234,14 @@ class StepGuard:
         return stop > 0, int(in_a_row), int(total)
 
 
+def settle_collectives(accelerator):
+    """A barrier before train() returns or raises. Under gloo, a worker thread frees a finished all-reduce's tensors
+    after the call returns, and needs the GIL to do so; if the process group is destroyed (with the DDP model)
+    before then, its destructor waits for that thread while holding the GIL: a deadlock at exit, seen in the
+    2-process tests. The barrier releases the GIL until every earlier collective is done."""
+    accelerator.wait_for_everyone()
+
+
 def step_unless(optimizer, finite):
     """optimizer.step(), which leaves the weights and its state as they are where `finite` is false.
 
@@ -498,6 +506,7 @@ def train(options: TrainOptions) -> int:
             reported_nonfinite = nonfinite_total
             if in_a_row >= options.max_nonfinite_steps:  # before this step is logged or saved: it is discarded
                 last_bad = step - 1  # the status is one step late
+                settle_collectives(accelerator)
                 raise DivergedError(
                     f"step {last_bad}: the loss or the gradients were non-finite in {in_a_row} steps in a row "
                     f"(steps {last_bad - in_a_row + 1} to {last_bad}, all skipped; --max-nonfinite-steps "
@@ -535,5 +544,6 @@ def train(options: TrainOptions) -> int:
     status = guard.exchange(False)  # the last step's, so that its skip is reported too
     if status and status[2] > reported_nonfinite and accelerator.is_main_process:
         tqdm.write(f"step {step}: non-finite loss or gradients; skipped ({status[1]} in a row, {status[2]} in all)")
+    settle_collectives(accelerator)
     accelerator.end_training()
     return 0
