@@ -447,6 +447,16 @@ def _check_lengths(model: dict, keys, unit: str, problems: _Problems):
                                          f"model.widths), got {len(value)}")
 
 
+def _patch_grid(model: dict, problems: _Problems):
+    """input_size / patch_size [h, w], or None (and a problem) where the patches do not tile the image."""
+    input_size, patch_size = model["input_size"], model["patch_size"]
+    if any(side % patch for side, patch in zip(input_size, patch_size)):
+        problems.add(("model", "patch_size"), f"expected a divisor of model.input_size {input_size} on each axis, "
+                                              f"got {patch_size}")
+        return None
+    return [side // patch for side, patch in zip(input_size, patch_size)]
+
+
 class _ImageTransformerV2:
     """HDiT: levels outermost first; each level after the first merges 2x2 tokens, halving the token grid."""
 
@@ -506,12 +516,9 @@ class _ImageTransformerV2:
         at = ("model",)
         if not problems.ok(at + ("input_size",), at + ("patch_size",)):
             return None
-        input_size, patch_size = model["input_size"], model["patch_size"]
-        if any(side % patch for side, patch in zip(input_size, patch_size)):
-            problems.add(at + ("patch_size",), f"expected a divisor of model.input_size {input_size} on each axis, "
-                                               f"got {patch_size}")
+        grid = _patch_grid(model, problems)
+        if grid is None:
             return None
-        grid = [side // patch for side, patch in zip(input_size, patch_size)]
         merges = 2 ** (n_levels - 1)
         if any(side % merges for side in grid):
             problems.add(at + ("input_size",), f"expected a token grid (input_size / patch_size) divisible by "
@@ -557,10 +564,7 @@ class _DiT:
             problems.add(at + ("width",), "expected a multiple of 4 for pos_emb 'sincos' (sine and cosine of the row "
                                           f"and of the column), got {model['width']}")
         if known("input_size", "patch_size"):
-            input_size, patch_size = model["input_size"], model["patch_size"]
-            if any(side % patch for side, patch in zip(input_size, patch_size)):
-                problems.add(at + ("patch_size",), f"expected a divisor of model.input_size {input_size} on each "
-                                                   f"axis, got {patch_size}")
+            _patch_grid(model, problems)
 
 
 class _DiffiT:
