@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
     p.add_argument("--num-workers", type=int, default=4, help="data loader worker processes per process")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (less memory, slower)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients, optimizer state and EMA over the processes (FSDP), for models "
+                        "that do not fit one GPU; checkpoints are the same as without it")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--log-with", nargs="*", default=[], choices=["tensorboard", "wandb"], help="trackers")
     p.add_argument("--wandb-project", help="wandb project (implies --log-with wandb)")

@@ -508,9 +508,15 @@ class CachedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         return self.images[index], int(self.labels[index])
 
-    def batch(self, indices):
+    def batch(self, indices, pin_memory=False):
+        """The images and labels at `indices`, gathered into page-locked memory if `pin_memory`: a copy to the GPU
+        from pageable memory goes through a staging buffer in stream order, so it waits for the GPU's queued work
+        and the host cannot run ahead; from pinned memory it is a true asynchronous copy."""
         index = torch.as_tensor(indices, dtype=torch.long)
-        return self.images[index], self.labels[index]
+        images = torch.empty((len(index), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=pin_memory)
+        labels = torch.empty(len(index), dtype=self.labels.dtype, pin_memory=pin_memory)
+        return torch.index_select(self.images, 0, index, out=images), torch.index_select(self.labels, 0, index,
+                                                                                          out=labels)
 
 
 def label_problem(name, label, num_classes):
@@ -686,13 +692,14 @@ class StepBatchSampler(torch.utils.data.Sampler):
             step += 1
 
 
-def infinite_loader(dataset, sampler, num_workers):
-    """Batches (uint8 images [B, C, H, W], int64 labels [B]) in the sampler's order, forever. A cached dataset
-    is indexed in this process; others are decoded by `num_workers` DataLoader workers."""
+def infinite_loader(dataset, sampler, num_workers, pin_memory=False):
+    """Batches (uint8 images [B, C, H, W], int64 labels [B]) in the sampler's order, forever, in page-locked
+    memory if `pin_memory` (for copies to a GPU). A cached dataset is indexed in this process; others are decoded
+    by `num_workers` DataLoader workers."""
     if isinstance(dataset, CachedDataset):
-        return (dataset.batch(indices) for indices in sampler)
+        return (dataset.batch(indices, pin_memory) for indices in sampler)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+                                         persistent_workers=num_workers > 0, pin_memory=pin_memory)
     return _one_line_errors(iter(loader))
 
 

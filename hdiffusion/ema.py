@@ -3,6 +3,11 @@
 import torch
 
 
+def local(tensor):
+    """This process's shard of a sharded (FSDP) parameter, a DTensor; else the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def ema_decay(num_updates, ema_config):
     """decay = 1 - (1 + t / inv_gamma)**-power, clamped to [min_value, max_value]; 0 before start_at.
 
@@ -24,7 +29,9 @@ def ema_update(ema_model, model, decay, apply=None):
     of them run every optimizer step instead of a kernel per tensor. `apply`, a 0-d bool tensor, makes the update
     conditional on the device (false: the EMA stays as it is) without the host reading it.
     """
-    ema_params, model_params = list(ema_model.parameters()), [p.detach() for p in model.parameters()]
+    # Sharded models (FSDP) are updated shard by shard: the EMA is sharded as the model is.
+    ema_params = [local(p) for p in ema_model.parameters()]
+    model_params = [local(p.detach()) for p in model.parameters()]
     if apply is None:
         torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
     else:

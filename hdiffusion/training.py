@@ -18,13 +18,14 @@ import math
 import os
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
@@ -32,7 +33,7 @@ from .config import load_config
 from .augmentation import augment_batch
 from .data import StepBatchSampler, build_dataset, describe_dataset, infinite_loader, to_unit_range
 from .denoiser import Denoiser
-from .ema import ema_decay, ema_update
+from .ema import ema_decay, ema_update, local
 from .errors import PREEMPTED_EXIT_CODE, DivergedError, StorageError, UsageError
 from .evaluation import TrainingEvaluator, mark_best
 from .flops import count_macs
@@ -41,6 +42,7 @@ from .models import compile_blocks, make_model
 from .noise import get_sigmas_karras, make_sigma_density, sample_sigmas
 from .optim import make_optimizer, set_learning_rates
 from .sampling import sample_dpmpp_2m
+from .sharding import gradient_sync, load_optimizer_state, model_state, optimizer_state, shard_model
 
 @dataclass
 class TrainOptions:
@@ -73,6 +75,7 @@ class TrainOptions:
     progress: bool = True
     max_nonfinite_steps: int = 10
     deterministic: bool = False
+    fsdp: bool = False
 
     @property
     def run_dir(self):
@@ -212,9 +215,10 @@ class StepGuard:
         """A 0-d bool tensor: the step's loss is finite on every process, and so are its gradients (all-reduced,
         the same everywhere; under fp16 their overflows are the gradient scaler's to skip). Counts it."""
         finite = torch.isfinite(step_loss)
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        # This process's gradients (of a sharded model, its shards, some empty): the reduce below makes it global.
+        grads = [local(p.grad) for p in model.parameters() if p.grad is not None and local(p.grad).numel()]
         if check_gradients and grads:
-            finite &= torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf")))  # max |g|: NaN and inf stay
+            finite &= torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf")))  # max |g|: NaN, inf stay
         if self.accelerator.num_processes > 1:
             finite = self.accelerator.reduce(finite.float(), "sum") == self.accelerator.num_processes
         self.in_a_row = torch.where(finite, 0, self.in_a_row + 1)
@@ -235,11 +239,17 @@ class StepGuard:
 
 
 def settle_collectives(accelerator):
-    """A barrier before train() returns or raises. Under gloo, a worker thread frees a finished all-reduce's tensors
-    after the call returns, and needs the GIL to do so; if the process group is destroyed (with the DDP model)
-    before then, its destructor waits for that thread while holding the GIL: a deadlock at exit, seen in the
-    2-process tests. The barrier releases the GIL until every earlier collective is done."""
+    """A barrier, and under gloo a pause, before train() returns or raises.
+
+    Under gloo a worker thread frees a finished collective's tensors after the call has returned, and needs the GIL
+    to do so; if the process group is destroyed (with the DDP model) before then, its destructor waits for that
+    thread while holding the GIL: a deadlock at exit. The barrier releases the GIL until every earlier collective
+    is done, but the worker can still be freeing the barrier's own work (which holds the earlier ones) when it
+    returns: the pause lets it finish. Measured with a 2-process script shaped like the loop's end: 6 hangs in 30
+    runs with neither, 0 in 60 with both (also with two such runs at once on two cores)."""
     accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1 and torch.distributed.get_backend() == "gloo":
+        time.sleep(0.1)
 
 
 def step_unless(optimizer, finite):
@@ -303,6 +313,15 @@ def train(options: TrainOptions) -> int:
     accelerator = Accelerator(cpu=multi_cpu, mixed_precision=options.mixed_precision,
                               log_with=list(options.log_with) or None, project_dir=str(run_dir))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise UsageError("accelerate's FSDP (--use_fsdp or an accelerate config with FSDP) is not used by train.py: "
+                         "launch without it and pass --fsdp, which shards the model block by block")
+    if options.fsdp and not torch.distributed.is_initialized():
+        raise UsageError("--fsdp shards the model over the processes of a distributed launch (accelerate launch "
+                         "--num_processes N with N >= 2, or torchrun); this is one process")
+    if options.fsdp and accelerator.mixed_precision == "fp16":
+        raise UsageError("--fsdp trains with --mixed-precision bf16 or no, not fp16 (its gradient scaler would "
+                         "decide to skip a step on each process's shard alone)")
     model_config, dataset_config = config["model"], config["dataset"]
 
     # Resume: a checkpoint file named by --resume (used as it is, or refused), else the newest intact checkpoint
@@ -329,18 +348,34 @@ def train(options: TrainOptions) -> int:
     start_step = state.info["step"] if state else 0
     sampler = StepBatchSampler(len(dataset), options.batch_size, options.grad_accum_steps, world, rank,
                                options.seed, start_step)
-    batches = infinite_loader(dataset, sampler, options.num_workers)
+    batches = infinite_loader(dataset, sampler, options.num_workers, pin_memory=device.type == "cuda")
     evaluator = None
     if options.evaluate_every:  # the feature extractor, and the dataset's statistics (cached on disk)
         evaluator = TrainingEvaluator(accelerator, config, dataset, options.evaluate_with, options.evaluate_n,
                                       options.seed, options.demo_steps, sampler.micro_batch,
                                       options.inception_weights, options.num_workers, options.progress)
 
-    # Model, EMA, optimizer.
+    # Model and EMA (sharded under --fsdp), then the optimizer over the parameters as they will be trained.
     torch.manual_seed(options.seed)
     model = make_model(model_config, dataset_config["num_classes"])
     model.checkpointing = options.checkpointing or model_config.get("checkpointing", False)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
+    params = sum(p.numel() for p in model.parameters())
+    gmac = count_macs(model, (model_config["input_channels"], *model_config["input_size"])) / 1e9
+
+    def does_not_fit(error):  # a config difference model_differences missed
+        return UsageError(f"{state.path}: its weights do not fit the model of {options.config} "
+                          f"({str(error).strip().splitlines()[0]})")
+
+    if state is not None:
+        try:
+            model.load_state_dict(state.model)
+            ema_model.load_state_dict(state.ema)
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise does_not_fit(error) from None
+    if options.fsdp:
+        shard_model(model, device)
+        shard_model(ema_model, device)
     optimizer_config = config["optimizer"]
     param_groups = model.param_groups(optimizer_config["lr"], optimizer_config["weight_decay"],
                                       optimizer_config["mapping_lr_scale"])
@@ -348,20 +383,14 @@ def train(options: TrainOptions) -> int:
     optimizer = make_optimizer(optimizer_config, param_groups)
     if state is not None:
         try:
-            model.load_state_dict(state.model)
-            ema_model.load_state_dict(state.ema)
-            optimizer.load_state_dict(state.optimizer)
-        except (RuntimeError, ValueError, KeyError) as error:  # a config difference model_differences missed
-            raise UsageError(f"{state.path}: its weights do not fit the model of {options.config} "
-                             f"({str(error).strip().splitlines()[0]})") from None
-
-    params = sum(p.numel() for p in model.parameters())
-    gmac = count_macs(model, (model_config["input_channels"], *model_config["input_size"])) / 1e9
+            load_optimizer_state(model, optimizer, state.optimizer)
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise does_not_fit(error) from None
     accelerator.print(json.dumps(config, indent=1))
     accelerator.print(f"model: {params:,} parameters, {gmac:.3f} GMAC per image (one forward)")
-    accelerator.print(f"{world} process(es) on {device}, mixed precision {accelerator.mixed_precision}, "
-                      f"global batch {options.batch_size} = {world} x {options.grad_accum_steps} x "
-                      f"{sampler.micro_batch}, {len(dataset):,} images")
+    accelerator.print(f"{world} process(es) on {device}{', sharded (FSDP)' if options.fsdp else ''}, mixed "
+                      f"precision {accelerator.mixed_precision}, global batch {options.batch_size} = {world} x "
+                      f"{options.grad_accum_steps} x {sampler.micro_batch}, {len(dataset):,} images")
     accelerator.print(f"data: {describe_dataset(dataset)}")
     if model_config["augment_prob"] > 0 and dataset_config["random_flip"]:
         accelerator.print("note: dataset.random_flip is off while model.augment_prob > 0: the augmentation's "
@@ -373,7 +402,10 @@ def train(options: TrainOptions) -> int:
             accelerator.print(note)
 
     inner_model = model
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if options.fsdp:  # sharded already; the loss runs under accelerator.autocast() below
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     if options.compile:
         compile_blocks(inner_model)  # in place, so the DDP wrapper runs the compiled layers
     ema_model.to(device)
@@ -413,13 +445,16 @@ def train(options: TrainOptions) -> int:
             return
         accelerator.wait_for_everyone()
         failure = None
+        # Full tensors; under --fsdp gathered onto the main process, which every process takes part in.
+        states = model_state(inner_model), model_state(ema_model), optimizer_state(inner_model, optimizer)
         if accelerator.is_main_process:
             counts = {"nonfinite_in_a_row": int(guard.in_a_row), "nonfinite_total": int(guard.total)}
+            model_weights, ema_weights, optimizer_weights = states
             try:
                 with reported_as_storage_error(run_dir):
-                    ckpt.save_checkpoint(run_dir, step, inner_model.state_dict(), ema_model.state_dict(),
-                                         optimizer.state_dict(), dict(info, **counts), options.keep_last)
-                    ckpt.save_inference_file(run_dir / "ema.safetensors", ema_model.state_dict(), config, step)
+                    ckpt.save_checkpoint(run_dir, step, model_weights, ema_weights, optimizer_weights,
+                                         dict(info, **counts), options.keep_last)
+                    ckpt.save_inference_file(run_dir / "ema.safetensors", ema_weights, config, step)
             except StorageError as error:
                 failure = error
         if any_process(accelerator, failure is not None):  # every process stops, not only the writer
@@ -430,9 +465,10 @@ def train(options: TrainOptions) -> int:
         accelerator.wait_for_everyone()
 
     def demo(step):
-        if accelerator.is_main_process:
+        if accelerator.is_main_process or options.fsdp:  # a sharded model runs on every process together
             with accelerator.autocast():
                 images = sample_demo(ema_denoiser, config, options.sample_n, options.demo_steps, options.seed, device)
+        if accelerator.is_main_process:
             columns = dataset_config["num_classes"] or None
             with reported_as_storage_error(run_dir):
                 make_grid(images, columns=columns).save(run_dir / f"demo_{step:08d}.png")
@@ -479,9 +515,10 @@ def train(options: TrainOptions) -> int:
                 images, aug_cond = augment_batch(to_unit_range(images), model_config["augment_prob"],
                                                  dataset_config["random_flip"], generator)
                 last = accum == options.grad_accum_steps - 1
-                with nullcontext() if last else accelerator.no_sync(model):
-                    loss = diffusion_loss(denoiser, images, labels, density, chunk, chunks, dataset_config,
-                                          generator, aug_cond)
+                with gradient_sync(accelerator, model, sync=last):
+                    with accelerator.autocast():
+                        loss = diffusion_loss(denoiser, images, labels, density, chunk, chunks, dataset_config,
+                                              generator, aug_cond)
                     accelerator.backward(loss / options.grad_accum_steps)
                 step_loss += loss.detach()
 
@@ -521,6 +558,8 @@ def train(options: TrainOptions) -> int:
                 record = {"step": step, "kimg": step * options.batch_size / 1000, "loss": loss_mean if count else None,
                           "lr": lr, "ema_decay": decay, "img_per_s": images_since / elapsed,
                           "nonfinite_steps": int(guard.total)}
+                if device.type == "cuda":  # this process's peak since the start (a counter on the host: no sync)
+                    record["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 if accelerator.is_main_process:
                     with reported_as_storage_error(run_dir):
                         append_metrics(metrics_file, record)

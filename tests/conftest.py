@@ -118,21 +118,28 @@ def losses(run_dir):
     return {record["step"]: record["loss"] for record in map(json.loads, lines)}
 
 
-def assert_same_state(a, b):
-    """Two checkpoints hold bitwise the same step, model, EMA and optimizer state."""
+def assert_same_state(a, b, tolerance=0.0):
+    """Two checkpoints hold the same step, and bitwise (or within `tolerance`, relative and absolute) the same
+    model, EMA and optimizer state."""
     import torch
 
     from hdiffusion.checkpoint import load_checkpoint
 
+    def same(x, y):
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        return torch.equal(x, y) if not tolerance else torch.allclose(x, y, rtol=tolerance, atol=tolerance)
+
     a, b = load_checkpoint(a), load_checkpoint(b)
     assert a.info["step"] == b.info["step"]
     for part in ["model", "ema"]:
+        assert getattr(a, part).keys() == getattr(b, part).keys()
         for name, tensor in getattr(a, part).items():
-            assert torch.equal(tensor, getattr(b, part)[name]), f"{part}.{name}"
+            assert same(tensor, getattr(b, part)[name]), f"{part}.{name}"
     assert a.optimizer["state"].keys() == b.optimizer["state"].keys()
+    assert a.optimizer["param_groups"] == b.optimizer["param_groups"]
     for index, state in a.optimizer["state"].items():
         for key, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b.optimizer["state"][index][key])), (index, key)
+            assert same(value, b.optimizer["state"][index][key]), (index, key)
 
 
 @pytest.fixture(scope="session")

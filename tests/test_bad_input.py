@@ -119,6 +119,9 @@ CASES = {
                                  "--batch-size 16 must be divisible by --grad-accum-steps x processes = 3"),
     "flag nonfinite limit": ("train", {}, ["--max-nonfinite-steps", 0], "--max-nonfinite-steps must be at least 1, "
                                                                         "got 0"),
+    "flag fsdp in one process": ("train", {}, ["--fsdp"],
+                                 "--fsdp shards the model over the processes of a distributed launch (accelerate "
+                                 "launch --num_processes N with N >= 2, or torchrun); this is one process"),
     "flag extractor": ("train", {}, ["--evaluate-with", "clip"],
                        "--evaluate-with: feature extractor 'clip': expected inception, dinov2 or torchscript:PATH"),
     # Datasets.

@@ -100,8 +100,18 @@ def make_model(model_config, num_classes):
         raise UsageError(f"model: {error}") from error
 
 
+def blocks(model):
+    """The model's repeated blocks (transformer layers, DiT blocks, DiffiT residual cells), outermost first: the
+    units of regional compilation and of FSDP sharding."""
+    from .diffit import DiffiTResBlock
+    from .dit import DiTBlock
+    from .hdit import TransformerLayer
+
+    return [module for module in model.modules() if isinstance(module, (TransformerLayer, DiTBlock, DiffiTResBlock))]
+
+
 def compile_blocks(model):
-    """Regional compilation: torch.compile each transformer layer in place, not the whole model.
+    """Regional compilation: torch.compile each block in place, not the whole model.
 
     Identical layers share one compiled graph, so compile time grows with the number of distinct layer shapes
     rather than with depth, and the code between layers stays eager. Each distinct shape is one more entry in
@@ -109,13 +119,8 @@ def compile_blocks(model):
     """
     import torch
 
-    from .diffit import DiffiTResBlock
-    from .dit import DiTBlock
-    from .hdit import TransformerLayer
-
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
-    for module in model.modules():
-        if isinstance(module, (TransformerLayer, DiTBlock, DiffiTResBlock)):
-            module.compile(dynamic=False)
+    for module in blocks(model):
+        module.compile(dynamic=False)
     return model
