@@ -5,9 +5,14 @@
 Runs the path sample.py runs (inference.generate: per-seed initial noise, per-seed Brownian trees for the SDE
 samplers, bf16 autocast) on a model built from the config with random weights (speed does not depend on them;
 dpm_adaptive is left out because its step count does), transformer layers compiled.
+
+Each case first gets a line with the bare denoiser's time per forward at the same batch (no grad, bf16 autocast,
+a mid sigma, CUDA events), and each sampler's line has overhead = ms_per_nfe / bare_ms_per_nfe: the cost of
+everything but the model (noise, solver arithmetic, the host falling behind the GPU), measured in the same run.
 """
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -18,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_train import emit, error_text  # noqa: E402
+from bench_train import cuda_time, emit, error_text  # noqa: E402
 
 from hdiffusion.config import load_config  # noqa: E402
 from hdiffusion.denoiser import Denoiser  # noqa: E402
@@ -41,6 +46,18 @@ class CountingDenoiser(torch.nn.Module):
         return self.denoiser(x, sigma, **cond)
 
 
+def bare_ms_per_nfe(denoiser, config, batch, labels):
+    """ms per no-grad forward of the denoiser alone, on a batch like the samplers' at sigma = sqrt(sigma_min
+    sigma_max) (mid-schedule in log sigma), under the same bf16 autocast: the floor of a sampler's ms_per_nfe."""
+    model_config = config["model"]
+    sigma = math.sqrt(model_config["sigma_min"] * model_config["sigma_max"])
+    x = sigma * torch.randn(batch, model_config["input_channels"], *model_config["input_size"], device="cuda")
+    sigmas = torch.full([batch], sigma, device="cuda")
+    cond = {} if labels is None else {"class_cond": labels.cuda()}
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        return 1000 * cuda_time(lambda: denoiser(x, sigmas, **cond), warmup=3, steps=20)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -58,6 +75,9 @@ def main():
         denoiser = CountingDenoiser(Denoiser(model, sigma_data=model_config["sigma_data"]))
         seeds = list(range(batch))
         labels = random_classes(seeds, num_classes) if num_classes else None
+        bare = bare_ms_per_nfe(denoiser.denoiser, config, batch, labels)
+        emit({"case": case, "bare_denoiser": True, "batch": batch, "bare_ms_per_nfe": round(bare, 2),
+              "device": torch.cuda.get_device_name()}, args.out)
         for sampler in args.samplers:
             try:
                 run = lambda: generate(denoiser, config, seeds, args.steps, labels, "cuda",  # noqa: E731
@@ -69,9 +89,10 @@ def main():
                 run()
                 torch.cuda.synchronize()
                 seconds = time.perf_counter() - start
+                ms_per_nfe = 1000 * seconds / denoiser.calls
                 record = {"case": case, "sampler": sampler, "steps": args.steps, "nfe": denoiser.calls,
-                          "batch": batch, "img_s": round(batch / seconds, 1),
-                          "ms_per_nfe": round(1000 * seconds / denoiser.calls, 2),
+                          "batch": batch, "img_s": round(batch / seconds, 1), "ms_per_nfe": round(ms_per_nfe, 2),
+                          "bare_ms_per_nfe": round(bare, 2), "overhead": round(ms_per_nfe / bare, 2),
                           "device": torch.cuda.get_device_name()}
             except Exception as error:  # one broken sampler must not hide the others' numbers
                 record = {"case": case, "sampler": sampler, "error": error_text(error)}

@@ -48,7 +48,8 @@ def cfg_denoiser(denoiser, scale, null_class, interval=None):
     def guided(x, sigma, class_cond, **extra_args):
         sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])
         inside = (sigma >= lo) & (sigma <= hi)
-        if not inside.any():
+        # Only an interval needs `inside` on the host, to skip the doubled pass: reading it waits for the GPU.
+        if interval is not None and not inside.any():
             return denoiser(x, sigma, class_cond=class_cond, **extra_args)
         n = x.shape[0]
         both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),

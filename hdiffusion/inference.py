@@ -115,10 +115,11 @@ def generate(denoiser, config, seeds, steps=50, class_labels=None, device="cpu",
     """One image per seed; image i depends only on seeds[i] (and its class), never on the batch it is in.
 
     The initial noise of image i is drawn on the CPU from seeds[i] (so it is the same on every device), and every
-    later draw of a stochastic sampler comes from seeds[i] too (make_noise_sampler). `class_labels`: a LongTensor
-    with one label per seed for class-conditional models (None otherwise). sigma_min / sigma_max default to the
-    model's; cfg_scale != 1 guides towards the class (cfg_denoiser), within cfg_interval if given.
-    `sampler_options`: extra keyword arguments of the sampler (eta, s_churn, ...).
+    later draw of a stochastic sampler comes from seeds[i] too (make_noise_sampler: an integer hash, so the same
+    on every device up to float rounding). `class_labels`: a LongTensor with one label per seed for
+    class-conditional models (None otherwise). sigma_min / sigma_max default to the model's; cfg_scale != 1
+    guides towards the class (cfg_denoiser), within cfg_interval if given. `sampler_options`: extra keyword
+    arguments of the sampler (eta, s_churn, ...).
     """
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")

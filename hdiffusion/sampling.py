@@ -7,10 +7,16 @@ callback({"x", "i", "sigma", "denoised"}) is called once per step, before the st
 progress bar. The last step, to sigma = 0, returns the denoised image of the step before it, exactly.
 
 The stochastic samplers take noise_sampler(sigma, sigma_next) -> a standard normal batch like x (k-diffusion's
-convention); by default they draw from torch's global generator (the SDE samplers through a Brownian tree
-seeded from it, as k-diffusion does). For images that depend on their seed alone, pass
-make_noise_sampler(name, seeds, ...): row i of every draw then comes from seeds[i] only (a Brownian tree for
-the SDE samplers), so image i is the same whatever batch it is sampled in.
+convention, with sigma and sigma_next as Python floats); by default they draw from torch's global generator (the
+SDE samplers through a Brownian tree seeded from it, as k-diffusion does). For images that depend on their seed
+alone, pass make_noise_sampler(name, seeds, ...): row i of every draw then comes from seeds[i] only (a Brownian
+tree for the SDE samplers), so image i is the same whatever batch it is sampled in.
+
+The samplers decide their control flow (the last step, churn, a step that ends at sigma = 0) from a host copy of
+the schedule, read once per call, and do the math on the schedule's tensors: an `if` on a GPU tensor waits for
+every kernel queued before it, so the host could never queue the next step while the GPU runs this one. Where a
+decision depends on a computed value (sigma_down), it is computed for all steps at once, by the same tensor ops,
+and read back once too. dpm_adaptive alone waits on the GPU every step: accepting a step needs its error.
 
 In lambda = -log(sigma), the DPM-Solver family's time, a step from sigma to sigma_next has h = log(sigma /
 sigma_next), and the ODE reads dx/dlambda = D - x: in data prediction it integrates exactly for a D that is
@@ -41,6 +47,13 @@ def get_ancestral_step(sigma, sigma_next, eta=1.0):
         return sigma_next, sigma_next * 0
     sigma_up = torch.minimum(sigma_next, eta * sigma_next * (1 - sigma_next**2 / sigma**2).sqrt())
     return (sigma_next**2 - sigma_up**2).sqrt(), sigma_up
+
+
+def _sigmas_down_host(sigmas, eta):
+    """Every step's sigma_down (get_ancestral_step) as Python floats, for the samplers' test of sigma_down = 0:
+    the same tensor ops as the step's own (exactly rounded, so elementwise the same values), on all steps at
+    once and read back once."""
+    return get_ancestral_step(sigmas[:-1], sigmas[1:], eta)[0].tolist()
 
 
 def default_noise_sampler(x):
@@ -78,15 +91,22 @@ def _steps(sigmas, disable):
     return trange(len(sigmas) - 1, disable=disable)
 
 
-def _churn(x, sigma, sigma_next, steps, s_churn, s_tmin, s_tmax, s_noise, noise_sampler):
-    """Karras et al. 2022, Alg. 2's churn: for sigma in [s_tmin, s_tmax], raise the noise level to
-    sigma_hat = (1 + gamma) sigma, gamma = min(s_churn / steps, sqrt(2) - 1), by adding noise of std
-    sqrt(sigma_hat^2 - sigma^2); returns (x_hat, sigma_hat). s_churn = 0 (the default) leaves x as it is."""
-    gamma = min(s_churn / steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+def _churn_gammas(sigmas, s_churn, s_tmin, s_tmax):
+    """Karras et al. 2022, Alg. 2's gamma of every step, as Python floats: min(s_churn / steps, sqrt(2) - 1) where
+    sigma is in [s_tmin, s_tmax], else 0. The range test runs on the schedule's tensor, in its dtype as a test of
+    each sigma would, for all steps at once: one read back to the host per sampling call."""
+    inside = ((sigmas[:-1] >= s_tmin) & (sigmas[:-1] <= s_tmax)).tolist()
+    return [min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if step_inside else 0.0 for step_inside in inside]
+
+
+def _churn(x, sigma, gamma, s_noise, noise):
+    """Karras et al. 2022, Alg. 2's churn: raise the noise level to sigma_hat = (1 + gamma) sigma by adding
+    noise() of std sqrt(sigma_hat^2 - sigma^2); returns (x_hat, sigma_hat). gamma = 0 (s_churn = 0, the default)
+    leaves x as it is."""
     if gamma == 0:
         return x, sigma
     sigma_hat = sigma * (1 + gamma)
-    return x + noise_sampler(sigma, sigma_next) * s_noise * (sigma_hat**2 - sigma**2).sqrt(), sigma_hat
+    return x + noise() * s_noise * (sigma_hat**2 - sigma**2).sqrt(), sigma_hat
 
 
 # Karras et al. 2022: Euler, Heun and the DPM-Solver-2-like midpoint method, with churn ------------------
@@ -98,12 +118,14 @@ def sample_euler(denoiser, x, sigmas, extra_args=None, callback=None, disable=No
     with Alg. 2's churn (s_churn > 0 makes it stochastic)."""
     model = _model(denoiser, x, extra_args)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    sigmas_host, gammas = sigmas.tolist(), _churn_gammas(sigmas, s_churn, s_tmin, s_tmax)
     for i in _steps(sigmas, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x, sigma_hat = _churn(x, sigma, sigma_next, len(sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
+        noise = functools.partial(noise_sampler, sigmas_host[i], sigmas_host[i + 1])
+        x, sigma_hat = _churn(x, sigma, gammas[i], s_noise, noise)
         denoised = model(x, sigma_hat)
         _report(callback, i, x, sigma, denoised)
-        x = denoised if sigma_next == 0 else x + to_d(x, sigma_hat, denoised) * (sigma_next - sigma_hat)
+        x = denoised if sigmas_host[i + 1] == 0 else x + to_d(x, sigma_hat, denoised) * (sigma_next - sigma_hat)
     return x
 
 
@@ -114,17 +136,18 @@ def sample_euler_ancestral(denoiser, x, sigmas, extra_args=None, callback=None, 
     (get_ancestral_step). eta = 0 is sample_euler."""
     model = _model(denoiser, x, extra_args)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    sigmas_host = sigmas.tolist()
     for i in _steps(sigmas, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
         _report(callback, i, x, sigma, denoised)
-        if sigma_next == 0:
+        if sigmas_host[i + 1] == 0:
             x = denoised
             continue
         sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
         x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
         if eta:
-            x = x + noise_sampler(sigma, sigma_next) * s_noise * sigma_up
+            x = x + noise_sampler(sigmas_host[i], sigmas_host[i + 1]) * s_noise * sigma_up
     return x
 
 
@@ -135,12 +158,14 @@ def sample_heun(denoiser, x, sigmas, extra_args=None, callback=None, disable=Non
     rule on the derivatives at both ends; the last step, to sigma = 0, stays Euler (Alg. 2 line 9)."""
     model = _model(denoiser, x, extra_args)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    sigmas_host, gammas = sigmas.tolist(), _churn_gammas(sigmas, s_churn, s_tmin, s_tmax)
     for i in _steps(sigmas, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x, sigma_hat = _churn(x, sigma, sigma_next, len(sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
+        noise = functools.partial(noise_sampler, sigmas_host[i], sigmas_host[i + 1])
+        x, sigma_hat = _churn(x, sigma, gammas[i], s_noise, noise)
         denoised = model(x, sigma_hat)
         _report(callback, i, x, sigma, denoised)
-        if sigma_next == 0:
+        if sigmas_host[i + 1] == 0:
             x = denoised
             continue
         d = to_d(x, sigma_hat, denoised)
@@ -166,12 +191,14 @@ def sample_dpm_2(denoiser, x, sigmas, extra_args=None, callback=None, disable=No
     midpoint step (_dpm_2_step), churn included; the last step, to sigma = 0, is Euler."""
     model = _model(denoiser, x, extra_args)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    sigmas_host, gammas = sigmas.tolist(), _churn_gammas(sigmas, s_churn, s_tmin, s_tmax)
     for i in _steps(sigmas, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x, sigma_hat = _churn(x, sigma, sigma_next, len(sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
+        noise = functools.partial(noise_sampler, sigmas_host[i], sigmas_host[i + 1])
+        x, sigma_hat = _churn(x, sigma, gammas[i], s_noise, noise)
         denoised = model(x, sigma_hat)
         _report(callback, i, x, sigma, denoised)
-        x = denoised if sigma_next == 0 else _dpm_2_step(model, x, sigma_hat, sigma_next, denoised)
+        x = denoised if sigmas_host[i + 1] == 0 else _dpm_2_step(model, x, sigma_hat, sigma_next, denoised)
     return x
 
 
@@ -182,17 +209,18 @@ def sample_dpm_2_ancestral(denoiser, x, sigmas, extra_args=None, callback=None, 
     eta = 0 is sample_dpm_2."""
     model = _model(denoiser, x, extra_args)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    sigmas_host, sigmas_down_host = sigmas.tolist(), _sigmas_down_host(sigmas, eta)
     for i in _steps(sigmas, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
         _report(callback, i, x, sigma, denoised)
-        if sigma_next == 0:
+        if sigmas_host[i + 1] == 0:
             x = denoised
             continue
         sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
-        x = denoised if sigma_down == 0 else _dpm_2_step(model, x, sigma, sigma_down, denoised)
+        x = denoised if sigmas_down_host[i] == 0 else _dpm_2_step(model, x, sigma, sigma_down, denoised)
         if eta:
-            x = x + noise_sampler(sigma, sigma_next) * s_noise * sigma_up
+            x = x + noise_sampler(sigmas_host[i], sigmas_host[i + 1]) * s_noise * sigma_up
     return x
 
 
@@ -224,10 +252,10 @@ def sample_lms(denoiser, x, sigmas, extra_args=None, callback=None, disable=None
     sigmas_cpu = sigmas.detach().cpu().double().numpy()
     derivatives = []
     for i in _steps(sigmas, disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        sigma = sigmas[i]
         denoised = model(x, sigma)
         _report(callback, i, x, sigma, denoised)
-        if sigma_next == 0:
+        if sigmas_cpu[i + 1] == 0:
             x = denoised
             continue
         derivatives = [to_d(x, sigma, denoised)] + derivatives[:order - 1]
@@ -339,15 +367,15 @@ def sample_dpm_fast(denoiser, x, sigmas, extra_args=None, callback=None, disable
     orders = dpm_fast_orders(len(sigmas) - 1 - denoise)
     solver = _DPMSolver(model, x)
     ones = x.new_ones([x.shape[0]])
-    lams = torch.linspace(-math.log(sigmas[0]), -math.log(sigma_end), len(orders) + 1, dtype=torch.float64)
+    lams = torch.linspace(-math.log(sigmas[0]), -math.log(sigma_end), len(orders) + 1, dtype=torch.float64).tolist()
     for i in trange(len(orders) + denoise, disable=disable):
         if i == len(orders):
             denoised = model(x, sigma_end)
             _report(callback, i, x, sigma_end, denoised)
             return denoised
-        lam, h = float(lams[i]), float(lams[i + 1] - lams[i])
+        lam, h = lams[i], lams[i + 1] - lams[i]
         denoised = model(x, math.exp(-lam))
-        _report(callback, i, x, x.new_tensor(math.exp(-lam)), denoised)
+        _report(callback, i, x, x.new_full([], math.exp(-lam)), denoised)  # a fill: new_tensor would copy and wait
         eps = (x - denoised) / math.exp(-lam)
         x = solver.step(x, lam * ones, h * ones, eps, orders[i])
     return x
@@ -377,6 +405,8 @@ def sample_dpm_adaptive(denoiser, x, sigmas, extra_args=None, callback=None, dis
     lam_end = x.new_full([x.shape[0]], -math.log(sigma_end))
     h = torch.full_like(lam, h_init)
     eps, i = None, 0
+    # The only sampler that waits for the GPU at every step: whether to go on, to accept a step and to evaluate
+    # the model again depends on the error just computed there, so the host cannot queue the next step ahead.
     with tqdm(disable=disable, unit="step") as progress:
         while (lam < lam_end).any():
             active = lam < lam_end
@@ -423,15 +453,16 @@ def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, extra_args=None, callback=Non
     eta = 0 is the deterministic DPM-Solver++(2S)."""
     model = _model(denoiser, x, extra_args)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    sigmas_host, sigmas_down_host = sigmas.tolist(), _sigmas_down_host(sigmas, eta)
     for i in _steps(sigmas, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
         _report(callback, i, x, sigma, denoised)
-        if sigma_next == 0:
+        if sigmas_host[i + 1] == 0:
             x = denoised
             continue
         sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
-        if sigma_down == 0:
+        if sigmas_down_host[i] == 0:
             x = denoised
         else:
             h = torch.log(sigma / sigma_down)
@@ -439,7 +470,7 @@ def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, extra_args=None, callback=Non
             x_mid = (sigma_mid / sigma) * x - torch.expm1(-h / 2) * denoised
             x = (sigma_down / sigma) * x - torch.expm1(-h) * model(x_mid, sigma_mid)
         if eta:
-            x = x + noise_sampler(sigma, sigma_next) * s_noise * sigma_up
+            x = x + noise_sampler(sigmas_host[i], sigmas_host[i + 1]) * s_noise * sigma_up
     return x
 
 
@@ -463,20 +494,22 @@ def sample_dpmpp_sde(denoiser, x, sigmas, extra_args=None, callback=None, disabl
     eta = 0 is a deterministic second-order single-step solver."""
     model = _model(denoiser, x, extra_args)
     noise_sampler = default_brownian_noise(x, sigmas) if noise_sampler is None else noise_sampler
+    sigmas_host = sigmas.tolist()
     for i in _steps(sigmas, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
         _report(callback, i, x, sigma, denoised)
-        if sigma_next == 0:
+        if sigmas_host[i + 1] == 0:
             x = denoised
             continue
         sigma_mid = sigma ** (1 - r) * sigma_next**r
+        sigma_mid_host = sigmas_host[i] ** (1 - r) * sigmas_host[i + 1] ** r  # for the noise sampler
         x_mid = _ancestral_dpmpp_1(x, sigma, sigma_mid, denoised, eta,
-                                   lambda: noise_sampler(sigma, sigma_mid) * s_noise)
+                                   lambda: noise_sampler(sigmas_host[i], sigma_mid_host) * s_noise)
         denoised_mid = model(x_mid, sigma_mid)
         denoised_d = denoised + (denoised_mid - denoised) / (2 * r)
         x = _ancestral_dpmpp_1(x, sigma, sigma_next, denoised_d, eta,
-                               lambda: noise_sampler(sigma, sigma_next) * s_noise)
+                               lambda: noise_sampler(sigmas_host[i], sigmas_host[i + 1]) * s_noise)
     return x
 
 
@@ -491,12 +524,12 @@ def sample_dpmpp_2m(denoiser, x, sigmas, extra_args=None, callback=None, disable
     sigma_next / sigma = 0 and expm1(-h) = -1, so it returns the denoised image exactly.
     """
     model = _model(denoiser, x, extra_args)
-    old_denoised = None
+    old_denoised, sigmas_host = None, sigmas.tolist()
     for i in _steps(sigmas, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
         _report(callback, i, x, sigma, denoised)
-        if sigma_next == 0:
+        if sigmas_host[i + 1] == 0:
             x = denoised
         else:
             h = torch.log(sigma) - torch.log(sigma_next)
@@ -512,7 +545,8 @@ def sample_dpmpp_2m(denoiser, x, sigmas, extra_args=None, callback=None, disable
 
 def _sde_noise(noise_sampler, sigma, sigma_next, h, eta, s_noise):
     """The noise of an SDE-DPM-Solver++ step (Lu et al. 2022b; eta = 1: the reverse SDE): std
-    sigma_next sqrt(1 - e^(-2 eta h)), the variance the step's contraction e^(-eta h) takes away."""
+    sigma_next sqrt(1 - e^(-2 eta h)), the variance the step's contraction e^(-eta h) takes away. The samplers
+    pass sigma and sigma_next as Python floats, so that the noise sampler need not read them from the GPU."""
     return noise_sampler(sigma, sigma_next) * s_noise * sigma_next * (-torch.expm1(-2 * eta * h)).sqrt()
 
 
@@ -530,12 +564,12 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, extra_args=None, callback=None, dis
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     model = _model(denoiser, x, extra_args)
     noise_sampler = default_brownian_noise(x, sigmas) if noise_sampler is None else noise_sampler
-    old_denoised, h_last = None, None
+    old_denoised, h_last, sigmas_host = None, None, sigmas.tolist()
     for i in _steps(sigmas, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
         _report(callback, i, x, sigma, denoised)
-        if sigma_next == 0:
+        if sigmas_host[i + 1] == 0:
             x = denoised
             continue
         h = torch.log(sigma / sigma_next)
@@ -546,7 +580,7 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, extra_args=None, callback=None, dis
             phi_2 = 1 + torch.expm1(-z) / z if solver_type == "heun" else -torch.expm1(-z) / 2
             x = x + phi_2 * slope
         if eta:
-            x = x + _sde_noise(noise_sampler, sigma, sigma_next, h, eta, s_noise)
+            x = x + _sde_noise(noise_sampler, sigmas_host[i], sigmas_host[i + 1], h, eta, s_noise)
         old_denoised, h_last = denoised, h
     return x
 
@@ -566,11 +600,12 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, extra_args=None, callback=None, dis
     model = _model(denoiser, x, extra_args)
     noise_sampler = default_brownian_noise(x, sigmas) if noise_sampler is None else noise_sampler
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None
+    sigmas_host = sigmas.tolist()
     for i in _steps(sigmas, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
         _report(callback, i, x, sigma, denoised)
-        if sigma_next == 0:
+        if sigmas_host[i + 1] == 0:
             x = denoised
             continue
         h = torch.log(sigma / sigma_next)
@@ -588,7 +623,7 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, extra_args=None, callback=None, dis
         elif denoised_1 is not None:
             x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
         if eta:
-            x = x + _sde_noise(noise_sampler, sigma, sigma_next, h, eta, s_noise)
+            x = x + _sde_noise(noise_sampler, sigmas_host[i], sigmas_host[i + 1], h, eta, s_noise)
         denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
     return x
 
@@ -622,23 +657,82 @@ _STREAM, _TREE = 1, 2  # purposes in the derived seeds, apart from the initial n
 
 
 def derive_seed(*keys):
-    """A 64-bit generator seed from integer keys in [0, 2^63), e.g. (seed, purpose, node): a hash (BLAKE2b) of
-    the keys, so keys that differ in any way give unrelated seeds and independent streams."""
+    """A 64-bit key from integer keys in [0, 2^63), e.g. (seed, purpose): a hash (BLAKE2b) of the keys, so keys
+    that differ in any way give unrelated keys and independent streams."""
     return int.from_bytes(hashlib.blake2b(struct.pack(f"<{len(keys)}q", *keys), digest_size=8).digest(), "little")
 
 
+def _int64(value):
+    """An integer modulo 2^64 as the int64 with the same bits: torch has no uint64 arithmetic, but int64 + and *
+    wrap modulo 2^64 just as uint64 would, and ^ and & act on the bits alike. Constants >= 2^63 become negative."""
+    value &= 2**64 - 1
+    return value - 2**64 if value >= 2**63 else value
+
+
+_GOLDEN = _int64(0x9E3779B97F4A7C15)  # splitmix64's increment, 2^64 / golden ratio
+_MIX_1, _MIX_2 = _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
+
+
+def _xor_shift_right_(z, bits, scratch):
+    """z ^= z >>> bits in place, >>> the logical shift: torch's >> copies the sign bit, so mask the copies off."""
+    torch.bitwise_right_shift(z, bits, out=scratch).bitwise_and_((1 << (64 - bits)) - 1)
+    return z.bitwise_xor_(scratch)
+
+
+def mix64_(z):
+    """splitmix64's output function (Steele, Lea & Flood 2014, with Stafford's "Mix13" constants), in place on an
+    int64 tensor, elementwise: a bijection of 64-bit words in which every output bit depends on every input bit.
+    splitmix64's n-th number from state s is mix64(s + n * golden). In place, because on CPU fresh tensors cost
+    more than the arithmetic."""
+    scratch = torch.empty_like(z)
+    _xor_shift_right_(z, 30, scratch).mul_(_MIX_1)
+    _xor_shift_right_(z, 27, scratch).mul_(_MIX_2)
+    return _xor_shift_right_(z, 31, scratch)
+
+
+def keyed_normal(keys, shape, offset=0, dtype=torch.float32):
+    """Standard normals [len(keys), *shape] from a counter-based generator: element j of row r is a function of
+    keys[r] (an int64 tensor of row keys) and of its counter offset + j alone.
+
+    So a row is the same whatever rows are drawn with it, as a torch.Generator per row would make it, but the
+    whole batch comes from one handful of elementwise kernels on the keys' device instead of one launch per row.
+    The counter is hashed to splitmix64's stream, mix64((offset + j + 1) golden), and the row key is mixed in by
+    one more mix64 of their xor. The top 53 bits of the result, made odd, give t = 2u - 1 for u the midpoint of
+    one of 2^52 equal cells of (0, 1), and the normal is Phi^-1(u) = sqrt(2) erfinv(t), in float64 (|z| < 8.3;
+    erfinv rather than ndtri, which is slower on CPU). The integer hash is exact on every device, so CPU and GPU
+    draw the same noise up to erfinv's rounding, and every dtype the same noise up to its own. A draw of
+    shape-sized blocks numbered d uses offset d * numel(shape): blocks of one row never overlap.
+    """
+    count = math.prod(shape)
+    counters = torch.arange(offset + 1, offset + count + 1, device=keys.device, dtype=torch.int64)
+    z = mix64_(keys.reshape(-1, 1) ^ mix64_(counters * _GOLDEN))
+    z >>= 11  # the top 53 bits as a signed integer, made odd: in (-2^52, 2^52), exact in float64
+    z |= 1
+    t = z.to(torch.float64).mul_(2.0**-52)  # in (-1, 1), never +-1
+    return t.erfinv_().mul_(math.sqrt(2)).to(dtype).reshape(len(keys), *shape)
+
+
+def _row_keys(seeds, purpose, device):
+    """keyed_normal's row keys for one purpose, derive_seed(seed, purpose) per image. They are copied to the
+    device once, when a noise source is made: a copy at every draw would wait for the GPU. The draw number or
+    tree node goes into the counter instead, a plain integer that needs no copy."""
+    return torch.tensor([_int64(derive_seed(int(s), purpose)) for s in seeds], dtype=torch.int64, device=device)
+
+
 class SeededNoise:
-    """noise(sigma, sigma_next) -> independent N(0, I) draws, row i from its own generator seeded from seeds[i]:
-    a row's noise depends on its seed and on how many draws came before, never on the other rows. Drawn on
-    `device` (generators there), so the noise, unlike the initial noise, differs between CPU and GPU."""
+    """noise(sigma, sigma_next) -> independent N(0, I) draws: draw d of row i is block d of keyed_normal's
+    stream for seeds[i], so a row's noise depends on its seed and on how many draws came before, never on the
+    other rows. Drawn on `device`, the same on CPU and GPU up to float rounding."""
 
     def __init__(self, seeds, shape, device="cpu", dtype=torch.float32):
-        self.shape, self.device, self.dtype = tuple(shape), torch.device(device), dtype
-        self.generators = [torch.Generator(self.device).manual_seed(derive_seed(s, _STREAM)) for s in seeds]
+        self.shape, self.dtype = tuple(shape), dtype
+        self.keys = _row_keys(seeds, _STREAM, device)
+        self.draws = 0
 
     def __call__(self, sigma, sigma_next):
-        return torch.stack([torch.randn(self.shape, generator=g, device=self.device, dtype=self.dtype)
-                            for g in self.generators])
+        noise = keyed_normal(self.keys, self.shape, self.draws * math.prod(self.shape), self.dtype)
+        self.draws += 1
+        return noise
 
 
 class BrownianTreeNoise:
@@ -647,26 +741,29 @@ class BrownianTreeNoise:
 
     W is a Brownian tree (Levy's construction by bisection, as in torchsde's BrownianTree): W(0) = 0,
     W(1) ~ N(0, I), and each dyadic midpoint, given the ends of its interval, is the Brownian bridge
-    (W_lo + W_hi) / 2 + sqrt(len / 4) z, with z drawn from a generator keyed by (seed, midpoint), so W at any
-    point is fixed by the seed alone, in whatever order or batch it is asked for. Query points are rounded to the
-    2^depth grid; the increment is normalised by the rounded length, so every draw is exactly N(0, I), draws over
-    disjoint steps are independent, and overlapping ones (dpmpp_sde's) are correlated as the path makes them. A
-    schedule with more steps samples the same path more finely, so SDE samples converge as the steps grow.
+    (W_lo + W_hi) / 2 + sqrt(len / 4) z, with z block `node` of keyed_normal's stream for the seed (the node
+    numbered by its grid point), so W at any point is fixed by the seed alone, in whatever order or batch it is
+    asked for. Query points are rounded to the 2^depth grid; the increment is normalised by the rounded length,
+    so every draw is exactly N(0, I), draws over disjoint steps are independent, and overlapping ones (dpmpp_sde's)
+    are correlated as the path makes them. A schedule with more steps samples the same path more finely, so SDE
+    samples converge as the steps grow.
 
-    A new point costs up to `depth` draws per image (the last four points are cached). Drawn on `device`, like
-    SeededNoise.
+    A new point costs one keyed_normal draw of the batch per node of its bisection path, at most depth + 1; W at
+    the nodes of the last path is kept (W at a node never changes), so a point near the last one, the next
+    step's, draws only the nodes below where their paths part. The last four points are kept too. Drawn on
+    `device`, like SeededNoise.
     """
 
     def __init__(self, seeds, shape, sigma_min, sigma_max, device="cpu", dtype=torch.float32, depth=16):
         if not 0 < sigma_min <= sigma_max:
             raise ValueError(f"need 0 < sigma_min <= sigma_max, got {sigma_min} and {sigma_max}")
-        self.seeds, self.shape = [int(s) for s in seeds], tuple(shape)
-        self.device, self.dtype, self.cells = torch.device(device), dtype, 2**depth
+        self.shape, self.dtype, self.cells = tuple(shape), dtype, 2**depth
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.log_min = math.log(self.sigma_min)
         self.log_span = math.log(self.sigma_max) - self.log_min or 1.0  # one noise level: any span will do
-        self.generator = torch.Generator(self.device)
-        self.cache = {}  # grid point -> W there, for the last few points (consecutive steps share an end)
+        self.keys = _row_keys(seeds, _TREE, device)
+        self.path = {0: torch.zeros(len(self.keys), *self.shape, device=device, dtype=dtype)}  # node -> W there
+        self.points = {}  # the last few points asked for -> W there (consecutive steps share an end)
 
     def _grid(self, sigma):
         sigma = min(max(float(sigma), self.sigma_min), self.sigma_max)
@@ -674,26 +771,27 @@ class BrownianTreeNoise:
 
     def _normal(self, node):
         """A batch of N(0, I), row i keyed by (seeds[i], node)."""
-        rows = []
-        for seed in self.seeds:
-            self.generator.manual_seed(derive_seed(seed, _TREE, node))
-            rows.append(torch.randn(self.shape, generator=self.generator, device=self.device, dtype=self.dtype))
-        return torch.stack(rows)
+        return keyed_normal(self.keys, self.shape, node * math.prod(self.shape), self.dtype)
 
     def _w(self, k):
-        """W at grid point k, by bisection from [0, cells] down to the interval that has k at an end."""
-        if k not in self.cache:
-            lo, hi = 0, self.cells
-            w_lo, w_hi = None, self._normal(self.cells)
-            while k not in (lo, hi):
-                mid = (lo + hi) // 2
-                bridge_mean = (w_hi if w_lo is None else w_lo + w_hi) / 2
-                w_mid = bridge_mean + ((hi - lo) / self.cells / 4) ** 0.5 * self._normal(mid)
-                lo, hi, w_lo, w_hi = (lo, mid, w_lo, w_mid) if k < mid else (mid, hi, w_mid, w_hi)
-            w = w_hi if k == hi else (torch.zeros_like(w_hi) if w_lo is None else w_lo)
-            self.cache = dict(list(self.cache.items())[-3:])
-            self.cache[k] = w
-        return self.cache[k]
+        """W at grid point k, by bisection from [0, cells] down to the interval that has k at an end. W at a grid
+        point never changes, so W at the last path's nodes and the last points is reused, as an end or a node."""
+        known = self.path | self.points
+        if k in known:
+            return known[k]
+        lo, hi = 0, self.cells
+        path = {lo: known[lo], hi: known[hi] if hi in known else self._normal(hi)}
+        while k not in (lo, hi):
+            mid = (lo + hi) // 2
+            if mid in known:
+                path[mid] = known[mid]
+            else:
+                bridge_std = ((hi - lo) / self.cells / 4) ** 0.5
+                path[mid] = (path[lo] + path[hi]) / 2 + bridge_std * self._normal(mid)
+            lo, hi = (lo, mid) if k < mid else (mid, hi)
+        self.path = path
+        self.points = dict(list(self.points.items())[-3:]) | {k: path[k]}
+        return path[k]
 
     def __call__(self, sigma, sigma_next):
         lo, hi = sorted((self._grid(sigma), self._grid(sigma_next)))
@@ -704,9 +802,10 @@ class BrownianTreeNoise:
 
 
 def brownian_noise(seeds, shape, sigmas, device="cpu", dtype=torch.float32):
-    """A BrownianTreeNoise over the range of the schedule's nonzero sigmas."""
-    positive = sigmas[sigmas > 0]
-    return BrownianTreeNoise(seeds, shape, positive.min(), positive.max(), device=device, dtype=dtype)
+    """A BrownianTreeNoise over the range of the schedule's nonzero sigmas (read from the host copy: a masked
+    min on the GPU would wait for it several times)."""
+    positive = [sigma for sigma in torch.as_tensor(sigmas).tolist() if sigma > 0]
+    return BrownianTreeNoise(seeds, shape, min(positive), max(positive), device=device, dtype=dtype)
 
 
 def make_noise_sampler(name, seeds, shape, sigmas, device="cpu", dtype=torch.float32):

@@ -5,7 +5,9 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from hdiffusion.guidance import cfg_denoiser
 from hdiffusion.noise import SCHEDULES, get_sigmas_exponential, get_sigmas_karras, get_sigmas_polyexponential
 from hdiffusion.sampling import (
     SAMPLERS,
@@ -13,8 +15,10 @@ from hdiffusion.sampling import (
     BrownianTreeNoise,
     SeededNoise,
     dpm_fast_orders,
+    keyed_normal,
     lms_coefficients,
     make_noise_sampler,
+    mix64_,
 )
 
 # Data N(MU, S^2) per dimension, for which the exact denoiser and the exact ODE solution are known.
@@ -460,6 +464,128 @@ def test_sde_samples_converge_as_steps_grow_on_one_path():
     tree_gaps = [(sample(n, brownian) - sample(2 * n, brownian)).abs().mean().item() for n in (25, 50, 100)]
     fresh_gap = (sample(100, fresh) - sample(200, fresh)).abs().mean().item()
     assert tree_gaps[0] > tree_gaps[1] > tree_gaps[2] and tree_gaps[2] < fresh_gap / 4
+
+
+def test_brownian_tree_reuses_its_path_without_changing_it():
+    # W at a node is fixed by the seeds, so a tree that keeps its last path gives what fresh trees give, asked
+    # down the schedule, back up, and between (dpmpp_sde's midpoints).
+    points = karras(12)[:-1].tolist()
+    points += [points[3], math.sqrt(points[3] * points[4]), points[0], points[-1]]
+    tree = BrownianTreeNoise([3, 1], (2,), SIGMA_MIN, SIGMA_MAX, dtype=F64)
+    for a, b in zip(points[:-1], points[1:]):
+        fresh = BrownianTreeNoise([3, 1], (2,), SIGMA_MIN, SIGMA_MAX, dtype=F64)
+        torch.testing.assert_close(tree(a, b), fresh(a, b), rtol=0, atol=0)
+
+
+# The counter-based generator behind the per-seed noise ------------------------------------------------
+
+def splitmix64_output(state):
+    """splitmix64's output function on Python integers (Steele, Lea & Flood 2014): the reference for mix64_."""
+    z = state % 2**64
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % 2**64
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB % 2**64
+    return z ^ (z >> 31)
+
+
+def as_int64(value):
+    return value - 2**64 if value >= 2**63 else value
+
+
+def test_mix64_is_splitmix64_in_int64():
+    states = [0, 1, 2**62 + 12345, 2**63 - 1, 2**63, 2**64 - 1, 0x9E3779B97F4A7C15, 0xDEADBEEF << 30]
+    mixed = mix64_(torch.tensor([as_int64(s) for s in states]))
+    assert mixed.tolist() == [as_int64(splitmix64_output(s)) for s in states]
+    assert splitmix64_output(0x9E3779B97F4A7C15) == 0xE220A8397B1DCDAF  # splitmix64's first number from seed 0
+
+
+def test_keyed_normal_is_standard_normal_without_correlations():
+    # Consecutive keys, the least random a hash can be given: 1000 rows of 1000.
+    keys = torch.arange(1000)
+    z = keyed_normal(keys, (1000,), dtype=F64)
+    values, n = z.flatten(), z.numel()
+    assert abs(values.mean()) < 5 / math.sqrt(n) and abs(values.var() - 1) < 5 * math.sqrt(2 / n)
+    assert abs((values**4).mean() - 3) < 5 * math.sqrt(96 / n)  # var(z^4) = 105 - 9
+    # Kolmogorov-Smirnov against the normal CDF: 1.95 / sqrt(n) is the 0.1% critical value.
+    cdf = torch.special.ndtr(values.sort().values)
+    steps = torch.arange(n + 1, dtype=F64) / n
+    assert torch.maximum(steps[1:] - cdf, cdf - steps[:-1]).max() < 1.95 / math.sqrt(n)
+    assert values.abs().max() < 8.3
+
+    def corr(a, b):
+        return torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+
+    limit = 5 / math.sqrt(n)
+    for a, b in [(z[:, :-1], z[:, 1:]),  # neighbouring elements
+                 (z[:-1], z[1:]),  # neighbouring keys
+                 (z, keyed_normal(keys, (1000,), offset=1000, dtype=F64)),  # a key's next block of its stream
+                 (z, keyed_normal(keys ^ 2**62, (1000,), dtype=F64))]:  # keys one high bit apart
+        assert abs(corr(a, b)) < limit and abs(corr(a**2, b**2)) < limit
+
+
+def test_keyed_normal_row_depends_on_its_key_alone():
+    keys = torch.tensor([5, -3, 2**62, 7])
+    batch = keyed_normal(keys, (2, 3))
+    assert batch.shape == (4, 2, 3) and batch.dtype == torch.float32
+    torch.testing.assert_close(keyed_normal(keys[[3, 0]], (2, 3)), batch[[3, 0]], rtol=0, atol=0)
+    torch.testing.assert_close(keyed_normal(keys, (2, 3)), batch, rtol=0, atol=0)
+    # Counter-based: a block at offset 6 is elements 6 to 11 of the key's one stream.
+    stream = keyed_normal(keys, (24,))
+    torch.testing.assert_close(keyed_normal(keys, (2, 3), offset=6).flatten(1), stream[:, 6:12], rtol=0, atol=0)
+    # Every dtype draws the same numbers, rounded to it.
+    torch.testing.assert_close(keyed_normal(keys, (2, 3), dtype=F64).float(), batch, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_per_seed_noise_is_the_same_on_cpu_and_gpu():
+    keys = torch.arange(64) * 7919 - 2**40
+    torch.testing.assert_close(keyed_normal(keys.cuda(), (3, 16, 16), offset=123, dtype=F64).cpu(),
+                               keyed_normal(keys, (3, 16, 16), offset=123, dtype=F64), rtol=1e-12, atol=1e-12)
+    sigmas = karras(8)
+    for name in ("euler_ancestral", "dpmpp_sde"):
+        cpu = make_noise_sampler(name, [4, 9], (3,), sigmas)
+        gpu = make_noise_sampler(name, [4, 9], (3,), sigmas.cuda(), device="cuda")
+        for sigma, sigma_next in zip(sigmas[:-2].tolist(), sigmas[1:-1].tolist()):
+            torch.testing.assert_close(gpu(sigma, sigma_next).cpu(), cpu(sigma, sigma_next))
+
+
+# Host reads: on a GPU, reading a tensor's value waits for every kernel queued before it -----------------
+
+class HostReads(TorchDispatchMode):
+    """Counts the reads of tensor values by the host (float(t), bool(t), t.item(), a boolean mask's size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", [name for name in SAMPLERS if name != "dpm_adaptive"])  # it has to, every step
+def test_samplers_read_the_schedule_once_not_at_every_step(name):
+    # So that the host can queue the next steps while the GPU runs this one.
+    def host_reads(steps):
+        sigmas = karras(steps)
+        options = {"s_churn": 5.0} if name in ("euler", "heun", "dpm_2") else {}
+        if name in STOCHASTIC:
+            options["noise_sampler"] = make_noise_sampler(name, [0, 1], (3,), sigmas, dtype=F64)
+        with HostReads() as reads:
+            SAMPLERS[name](gaussian_denoiser, initial_noise(2, 0, 3), sigmas, disable=True, **options)
+        return reads.count
+
+    assert host_reads(12) == host_reads(3)
+
+
+def test_guidance_reads_no_values_without_an_interval():
+    def denoiser(x, sigma, class_cond):
+        return x / (1 + sigma[:, None] ** 2) + class_cond[:, None]
+
+    x, sigma, labels = torch.ones(4, 2), torch.full([4], 3.0), torch.tensor([0, 1, 0, 1])
+    for interval, expected_reads in [(None, 0), ((1.0, 5.0), 1)]:
+        with HostReads() as reads:
+            cfg_denoiser(denoiser, 2.0, null_class=2, interval=interval)(x, sigma, class_cond=labels)
+        assert reads.count == expected_reads
 
 
 # Coefficients and schedules -----------------------------------------------------------------------------
