@@ -63,6 +63,7 @@ def main():
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--samplers", nargs="+", default=SAMPLERS)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per sampler (the median is reported)")
     parser.add_argument("--out")
     args = parser.parse_args()
     for case in args.cases:
@@ -83,12 +84,15 @@ def main():
                 run = lambda: generate(denoiser, config, seeds, args.steps, labels, "cuda",  # noqa: E731
                                        torch.bfloat16, sampler=sampler)
                 run()  # warm-up: compilation, Brownian-tree setup
-                torch.cuda.synchronize()
-                denoiser.calls = 0
-                start = time.perf_counter()
-                run()
-                torch.cuda.synchronize()
-                seconds = time.perf_counter() - start
+                times = []
+                for _ in range(args.repeats):  # the median: the host-bound small model varies between runs
+                    torch.cuda.synchronize()
+                    denoiser.calls = 0
+                    start = time.perf_counter()
+                    run()
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+                seconds = sorted(times)[len(times) // 2]
                 ms_per_nfe = 1000 * seconds / denoiser.calls
                 record = {"case": case, "sampler": sampler, "steps": args.steps, "nfe": denoiser.calls,
                           "batch": batch, "img_s": round(batch / seconds, 1), "ms_per_nfe": round(ms_per_nfe, 2),
