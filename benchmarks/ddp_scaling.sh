@@ -5,7 +5,7 @@
 # JSON line per run: mean img/s of the logged windows after the first two, peak GPU memory, last loss.
 #   STEPS=150 PER_CLASS=20 RUNS="1:ddp 2:ddp 2:fsdp" benchmarks/ddp_scaling.sh
 set -euo pipefail
-OUT=${OUT:-benchmarks/results/ddp}
+OUT=${OUT:-benchmarks/results/scale_out}
 STEPS=${STEPS:-200}
 PER_CLASS=${PER_CLASS:-40}  # random images per class (1,000 classes)
 RUNS=${RUNS:-"1:ddp 2:ddp"}
