@@ -4,7 +4,8 @@ Every function takes q, k, v in the heads-last grid layout [N, H, W, heads, d] (
 attention output in the same layout. `scale` multiplies the logits; HDiT uses cosine-similarity attention whose
 q and k already carry the learned temperature, hence the default 1.0.
 
-Optional accelerators are imported lazily and only used where they support the case:
+Optional accelerators are imported with this module (models import it when built) and only used where they
+support the case:
 - global: flash-attn (CUDA, fp16/bf16), else F.scaled_dot_product_attention;
 - neighborhood: on CUDA, FlexAttention (compiled) with a block-sparse mask over tokens reordered into 2-D tiles;
   else natten.na2d (natten >= 0.20) where it can run; else SDPA with the neighborhood as a boolean mask.
@@ -12,28 +13,24 @@ The modules at the bottom wrap one kind each for the models; `hdiffusion.flops` 
 """
 
 import functools
+import importlib
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 
-@functools.cache
-def _flash_attn():
+def _optional_package(name):
+    """The package, or None where it is not installed."""
     try:
-        import flash_attn
+        return importlib.import_module(name)
     except ImportError:
         return None
-    return flash_attn
 
 
-@functools.cache
-def _natten():
-    try:
-        import natten
-    except ImportError:
-        return None
-    return natten
+# Looked up once, when this module is imported, not at each call: the calls run inside torch.compile'd layers,
+# where tracing an import (or a cached function that imports) can break the graph.
+FLASH_ATTN, NATTEN = _optional_package("flash_attn"), _optional_package("natten")
 
 
 def _needs_grad(*tensors):
@@ -56,7 +53,7 @@ def global_attention(q, k, v, scale=1.0, backend="auto"):
     which itself picks a fused kernel where PyTorch has one)."""
     if backend not in ("auto", "flash-attn", "reference"):
         raise ValueError(f"global attention backend must be 'auto', 'flash-attn' or 'reference', got {backend!r}")
-    flash_attn = _flash_attn()
+    flash_attn = FLASH_ATTN
     flash_ok = (
         flash_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
         and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256  # the head dims flash-attn 2 has kernels for
@@ -133,7 +130,7 @@ def neighborhood_attention(q, k, v, kernel_size, scale=1.0, backend="auto"):
         return neighborhood_attention_reference(q, k, v, kernel_size, scale)
     if backend == "flex" or (backend == "auto" and q.is_cuda):
         return neighborhood_attention_flex(q, k, v, kernel_size, scale)
-    natten = _natten()
+    natten = NATTEN
     if backend == "natten":
         if natten is None:
             raise RuntimeError("the natten backend needs the natten package (pip install 'natten>=0.20')")
