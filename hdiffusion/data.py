@@ -509,9 +509,9 @@ class CachedDataset(torch.utils.data.Dataset):
         return self.images[index], int(self.labels[index])
 
     def batch(self, indices, pin_memory=False):
-        """The images and labels at `indices`, gathered into page-locked memory if `pin_memory`: a copy to the GPU
-        from pageable memory goes through a staging buffer in stream order, so it waits for the GPU's queued work
-        and the host cannot run ahead; from pinned memory it is a true asynchronous copy."""
+        """The images and labels at `indices`, gathered into page-locked memory if `pin_memory`: CUDA may make a
+        copy to the GPU from pageable memory (staged through a buffer of its own) wait for the work queued before
+        it, so that the host cannot run ahead; from pinned memory the copy is asynchronous."""
         index = torch.as_tensor(indices, dtype=torch.long)
         images = torch.empty((len(index), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=pin_memory)
         labels = torch.empty(len(index), dtype=self.labels.dtype, pin_memory=pin_memory)

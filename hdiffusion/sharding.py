@@ -3,9 +3,10 @@ state and EMA, for models whose training state does not fit one GPU.
 
 torch's FSDP2 (`fully_shard`) shards each block of the model (the units compile_blocks compiles) and the rest of
 it: a block's weights are gathered just before it runs and freed after, gradients are reduce-scattered. Every
-process still computes its own part of the batch, exactly as under DDP; with a power-of-two number of processes
-the averaged gradients, and so the run, are the same as DDP's (tested). Checkpoints hold full tensors in the same
-layout as unsharded runs, so a run can resume with or without --fsdp, on any number of processes.
+process still computes its own part of the batch, exactly as under DDP, and the run is DDP's up to rounding (the
+optimizer and the EMA run over shards, whose lengths change how vector kernels round: equal to 1e-6 on CPU,
+tested). Checkpoints hold full tensors in the same layout as unsharded runs, so a run can resume with or without
+--fsdp, on any number of processes.
 """
 
 import warnings

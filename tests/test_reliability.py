@@ -164,6 +164,18 @@ def test_two_processes_and_a_changed_process_count_resume_exactly(reference_run,
     assert_equals_reference(reference, run_dir, tolerance=1e-6 if sharding else 0.0)
 
 
+def test_fsdp_with_accumulation_is_ddp(reference_run, tmp_path):
+    """2 processes x 2 accumulation steps, sharded (no gradient sync but at the last micro-batch) and not: the same
+    run up to the rounding of sharded kernels."""
+    config_path, _ = reference_run
+    for sharding in ([], ["--fsdp"]):
+        args = train_args(config_path, tmp_path / f"run{len(sharding)}", 4, *sharding)
+        result = subprocess.run(launch_command(2, ROOT / "train.py", *args), cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "global batch 16 = 2 x 2 x 4" in result.stdout
+    assert_equals_reference(tmp_path / "run0", tmp_path / "run1", step=4, tolerance=1e-6)
+
+
 # Disk full, read-only: a clear error, the last checkpoint intact ------------------------------------------
 
 def limit_file_size(limit):
