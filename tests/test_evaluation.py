@@ -15,7 +15,7 @@ import torch
 from accelerate import PartialState
 from PIL import Image
 
-from conftest import ROOT, run_script, tiny_config
+from conftest import ROOT, launch_command, run_script, tiny_config
 from hdiffusion import evaluation as ev
 from hdiffusion.checkpoint import load_checkpoint, save_checkpoint
 from hdiffusion.config import validate_config
@@ -388,6 +388,27 @@ def test_training_logs_fid_and_kid_and_keeps_the_best(runs):
     for part in ["model", "ema"]:
         for name, tensor in getattr(a, part).items():
             assert torch.equal(tensor, getattr(b, part)[name]), f"{part}.{name}"
+
+
+def test_sharded_training_evaluates_and_demos_like_ddp(runs, files):
+    """Under --fsdp every process runs the EMA model's forwards together (demo grids on all of them, each its
+    share of an evaluation, 21 images over 2 processes, the last padded): the run finishes, and its scores are
+    those of the same run under DDP (the weights agree to rounding)."""
+    config, _, _, env = runs
+    tmp = config.parent
+    evaluate = ["--evaluate-every", 2, "--evaluate-n", 21, "--evaluate-with", f"torchscript:{files / 'tiny.pt'}",
+                "--demo-every", 2, "--sample-n", 4]
+    scores = {}
+    for sharding in ([], ["--fsdp"]):
+        run_dir = tmp / f"two{len(sharding)}"
+        result = subprocess.run(launch_command(2, ROOT / "train.py", *train_args(config, run_dir, 4, *evaluate,
+                                                                                 *sharding)),
+                                cwd=ROOT, capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (run_dir / "demo_00000004.png").exists()
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        scores[bool(sharding)] = [r["fid_21_train_tiny"] for r in records if "fid_21_train_tiny" in r]
+    assert len(scores[True]) == 2 and scores[True] == pytest.approx(scores[False], rel=1e-3)
 
 
 def write_pngs(directory, images):
