@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
@@ -310,8 +310,13 @@ def train(options: TrainOptions) -> int:
     run_dir = options.run_dir
     # Several processes (torchrun / accelerate launch) and no GPU: Accelerate needs cpu=True to pick gloo.
     multi_cpu = os.environ.get("LOCAL_RANK") is not None and not torch.cuda.is_available()
+    # DDP would broadcast the model's buffers from process 0 before every forward, a collective that makes each GPU
+    # wait for the other processes' hosts; the buffers here are constants (Fourier features, RoPE frequencies),
+    # equal on every process from the start (DDP syncs them once when it wraps the model).
+    constant_buffers = DistributedDataParallelKwargs(broadcast_buffers=False)
     accelerator = Accelerator(cpu=multi_cpu, mixed_precision=options.mixed_precision,
-                              log_with=list(options.log_with) or None, project_dir=str(run_dir))
+                              kwargs_handlers=[constant_buffers], log_with=list(options.log_with) or None,
+                              project_dir=str(run_dir))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if accelerator.distributed_type == DistributedType.FSDP:
         raise UsageError("accelerate's FSDP (--use_fsdp or an accelerate config with FSDP) is not used by train.py: "
