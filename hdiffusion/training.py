@@ -216,7 +216,7 @@ class StepGuard:
         the same everywhere; under fp16 their overflows are the gradient scaler's to skip). Counts it."""
         finite = torch.isfinite(step_loss)
         # This process's gradients (of a sharded model, its shards, some empty): the reduce below makes it global.
-        grads = [local(p.grad) for p in model.parameters() if p.grad is not None and local(p.grad).numel()]
+        grads = [g for g in (local(p.grad) for p in model.parameters() if p.grad is not None) if g.numel()]
         if check_gradients and grads:
             finite &= torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf")))  # max |g|: NaN, inf stay
         if self.accelerator.num_processes > 1:

@@ -53,9 +53,8 @@ def global_attention(q, k, v, scale=1.0, backend="auto"):
     which itself picks a fused kernel where PyTorch has one)."""
     if backend not in ("auto", "flash-attn", "reference"):
         raise ValueError(f"global attention backend must be 'auto', 'flash-attn' or 'reference', got {backend!r}")
-    flash_attn = FLASH_ATTN
     flash_ok = (
-        flash_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        FLASH_ATTN is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
         and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256  # the head dims flash-attn 2 has kernels for
     )
     if backend == "flash-attn" and not flash_ok:
@@ -65,7 +64,7 @@ def global_attention(q, k, v, scale=1.0, backend="auto"):
         return _sdpa_over_grid(q, k, v, None, scale)
     n, h, w, heads, d = q.shape
     q, k, v = (t.flatten(1, 2) for t in (q, k, v))  # flash-attn's layout is [N, L, heads, d]
-    return flash_attn.flash_attn_func(q, k, v, softmax_scale=scale).unflatten(1, (h, w))
+    return FLASH_ATTN.flash_attn_func(q, k, v, softmax_scale=scale).unflatten(1, (h, w))
 
 
 # Neighborhood attention (Hassani et al. 2023)
@@ -130,24 +129,23 @@ def neighborhood_attention(q, k, v, kernel_size, scale=1.0, backend="auto"):
         return neighborhood_attention_reference(q, k, v, kernel_size, scale)
     if backend == "flex" or (backend == "auto" and q.is_cuda):
         return neighborhood_attention_flex(q, k, v, kernel_size, scale)
-    natten = NATTEN
     if backend == "natten":
-        if natten is None:
+        if NATTEN is None:
             raise RuntimeError("the natten backend needs the natten package (pip install 'natten>=0.20')")
-        return _na2d(natten, q, k, v, kernel_size, scale)
-    natten_ok = natten is not None and (q.is_cuda or (q.device.type == "cpu" and not _needs_grad(q, k, v)))
+        return _na2d(q, k, v, kernel_size, scale)
+    natten_ok = NATTEN is not None and (q.is_cuda or (q.device.type == "cpu" and not _needs_grad(q, k, v)))
     if natten_ok:
         try:
-            return _na2d(natten, q, k, v, kernel_size, scale)
+            return _na2d(q, k, v, kernel_size, scale)
         except NotImplementedError:  # no natten kernel for this dtype, head dim or device
             pass
     return neighborhood_attention_reference(q, k, v, kernel_size, scale)
 
 
-def _na2d(natten, q, k, v, kernel_size, scale):
+def _na2d(q, k, v, kernel_size, scale):
     # q, k, v are often strided views of one qkv projection; natten's fused kernels want dense tensors.
     q, k, v = (t.contiguous() for t in (q, k, v))
-    return natten.na2d(q, k, v, kernel_size, scale=scale)
+    return NATTEN.na2d(q, k, v, kernel_size, scale=scale)
 
 
 # FlexAttention neighborhood: FlexAttention (Dong et al. 2024) computes attention block by block and skips the
