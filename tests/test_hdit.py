@@ -4,10 +4,12 @@ import copy
 
 import pytest
 import torch
+from torch import nn
+from torch._dynamo.utils import counters
 
 from hdiffusion import HDiT
 from hdiffusion.errors import UsageError
-from hdiffusion.models import make_model
+from hdiffusion.models import compile_blocks, make_model
 from hdiffusion.models.attention import ShiftedWindowAttention
 from hdiffusion.models.layers import AdaRMSNorm
 
@@ -89,6 +91,37 @@ def test_every_attention_kind_runs_forward_and_backward(self_attn):
         assert model.down_levels[0][0].self_attn.qkv_proj.weight.grad.abs().sum() > 0
     else:
         assert model.down_levels[0][0].self_attn is None
+
+
+@pytest.mark.parametrize("self_attn", [
+    dict(NEIGHBORHOOD, backend="flex"),  # the CUDA default: its block mask must be built before the layer runs
+    dict(NEIGHBORHOOD, backend="reference"),
+    GLOBAL,
+    {"type": "shifted-window", "d_head": 8, "window_size": 4},
+])
+def test_compiled_layers_have_no_graph_breaks(self_attn, monkeypatch):
+    """Regional compilation must compile each layer whole: a graph break splits it into several graphs, each with
+    its own launches and guard checks on the host at every step. (dynamo's graphs run uncompiled here; inference
+    only, as FlexAttention has no backward on CPU.)"""
+    graphs = []
+
+    def keep_graph(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compile_module = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: compile_module(self, backend=keep_graph, **kwargs))
+    model = compile_blocks(randomize_zero_init(tiny_hdit(self_attns=[self_attn], middle_self_attn=GLOBAL)))
+    x, c_noise, _ = inputs()
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        first = model(x, c_noise)
+        graphs_after_first = len(graphs)
+        second = model(x, c_noise)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert 1 <= graphs_after_first <= 3 and len(graphs) == graphs_after_first  # at most one per layer, once
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
 
 
 def test_shifted_windows_alternate_across_down_and_up_halves():

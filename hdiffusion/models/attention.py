@@ -18,6 +18,7 @@ import importlib
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 def _optional_package(name):
@@ -177,9 +178,25 @@ def _block_bounds(h, w, tile, block_size, device):
     return (rows.amin(1), rows.amax(1)), (cols.amin(1), cols.amax(1))
 
 
-@torch.compiler.disable  # built once per grid and cached, outside any compiled region
-@functools.lru_cache(maxsize=32)
+_BLOCK_MASKS = {}  # (h, w, kernel_size, device, block_size) -> BlockMask: a few grids per model
+
+
 def neighborhood_block_mask(h, w, kernel_size, device, block_size=128):
+    """The block mask of _build_block_mask, built once per grid and cached.
+
+    The cache is a plain dict, which dynamo reads inside a compiled layer as a guarded input of the graph (it would
+    trace through a functools.lru_cache and rebuild the mask in every graph). Building the mask while dynamo traces
+    breaks the graph, and the break stays in that layer's compiled code: NeighborhoodAttention.prepare builds it
+    in eager code before the layer first runs.
+    """
+    key = (h, w, kernel_size, torch.device(device), block_size)
+    if key not in _BLOCK_MASKS:
+        _BLOCK_MASKS[key] = _build_block_mask(*key)
+    return _BLOCK_MASKS[key]
+
+
+@torch.compiler.disable  # a few dozen small ops, once per grid
+def _build_block_mask(h, w, kernel_size, device, block_size):
     """FlexAttention's block mask for neighborhood attention over tiled tokens, computed from block bounding boxes.
 
     torch's create_block_mask evaluates the mask for every (query, key) pair: at a 256x256 token grid that is
@@ -189,8 +206,6 @@ def neighborhood_block_mask(h, w, kernel_size, device, block_size=128):
     mask needed). Memory and time grow with blocks^2, not tokens^2. Boxes over-approximate blocks that wrap a row
     (grids that do not tile), which only turns would-be skipped or full blocks into partial ones: still exact.
     """
-    from torch.nn.attention.flex_attention import BlockMask
-
     tile = _tile_shape(h, w)
     with torch.inference_mode(False):  # a mask cached under inference mode would be unusable in training later
         return BlockMask.from_kv_blocks(*_neighborhood_blocks(h, w, kernel_size, tile, block_size, device),
@@ -244,11 +259,8 @@ def _neighborhood_mask_mod(h, w, kernel_size, tile):
 
 
 @functools.cache
-def _flex_attention(compiled):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    # Uncompiled, flex_attention runs a slow dense reference; compiled, it is one fused block-sparse kernel.
-    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+def _compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def neighborhood_attention_flex(q, k, v, kernel_size, scale=1.0):
@@ -260,7 +272,11 @@ def neighborhood_attention_flex(q, k, v, kernel_size, scale=1.0):
         return t.view(n, h // th, th, w // tw, tw, heads, d).permute(0, 5, 1, 3, 2, 4, 6).reshape(n, heads, h * w, d)
 
     block_mask = neighborhood_block_mask(h, w, kernel_size, q.device)
-    x = _flex_attention(q.is_cuda)(to_tiles(q), to_tiles(k), to_tiles(v), block_mask=block_mask, scale=scale)
+    # Uncompiled, flex_attention runs a slow dense reference; compiled, one fused block-sparse kernel. Inside a
+    # compiled layer (dynamo tracing) the plain function is compiled as part of the layer's graph.
+    compiled = q.is_cuda and not torch.compiler.is_compiling()
+    flex = _compiled_flex_attention() if compiled else flex_attention
+    x = flex(to_tiles(q), to_tiles(k), to_tiles(v), block_mask=block_mask, scale=scale)
     return x.view(n, heads, h // th, w // tw, th, tw, d).permute(0, 2, 4, 3, 5, 1, 6).reshape(n, h, w, heads, d)
 
 
@@ -320,6 +336,10 @@ class GridAttention(nn.Module):
     def keys_per_query(self, h, w):
         raise NotImplementedError
 
+    def prepare(self, h, w, device):
+        """Build and cache what attention over an h x w grid needs, in eager code before a compiled layer runs it
+        (built inside the layer, it would break the layer's graph for good). Most kinds need nothing."""
+
 
 class GlobalAttention(GridAttention):
     def __init__(self, scale=1.0, backend="auto"):
@@ -343,6 +363,10 @@ class NeighborhoodAttention(GridAttention):
 
     def keys_per_query(self, h, w):
         return self.kernel_size**2
+
+    def prepare(self, h, w, device):
+        if self.backend == "flex" or (self.backend == "auto" and device.type == "cuda"):
+            neighborhood_block_mask(h, w, self.kernel_size, device)
 
     def forward(self, q, k, v):
         return neighborhood_attention(q, k, v, self.kernel_size, self.scale, self.backend)

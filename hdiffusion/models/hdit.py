@@ -136,6 +136,8 @@ class TransformerLayer(nn.Module):
 class Level(nn.ModuleList):
     def forward(self, x, pos, cond, checkpointing=False):
         for layer in self:
+            if layer.self_attn is not None:  # eager: the layer itself may be compiled (see GridAttention.prepare)
+                layer.self_attn.attention.prepare(x.shape[1], x.shape[2], x.device)
             x = layer(x, pos, cond, checkpointing)
         return x
 
