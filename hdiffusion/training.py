@@ -231,11 +231,28 @@ class StepGuard:
         flag = torch.full((), float(stop_requested), device=self.device)  # a fill, not a host-to-device copy
         if self.accelerator.num_processes > 1:
             flag = self.accelerator.reduce(flag, "sum")
-        previous, self.pending = self.pending, torch.stack([flag, self.in_a_row.float(), self.total.float()])
+        state = torch.stack([flag, self.in_a_row.float(), self.total.float()])
+        previous, self.pending = self.pending, self.copy_to_host(state)
         if previous is None:
             return None
-        stop, in_a_row, total = previous.tolist()
+        state, copied = previous
+        if copied is not None:
+            copied.synchronize()
+        stop, in_a_row, total = state.tolist()
         return stop > 0, int(in_a_row), int(total)
+
+    @staticmethod
+    def copy_to_host(state):
+        """(state in host memory, a CUDA event marking the copy done or None off CUDA). The copy is queued behind
+        this step's work; reading it later through its event waits for this step only. A plain read (tolist) at
+        the next step would wait for everything queued by then, that next step included, leaving the GPU idle
+        while the host prepares the step after it (in128_E on H200s: the host waited there 10 ms of each ~100 ms step on one GPU, 19 ms on two)."""
+        if state.device.type != "cuda":
+            return state, None
+        copy = state.to("cpu", non_blocking=True)  # into page-locked memory: asynchronous
+        copied = torch.cuda.Event()
+        copied.record()
+        return copy, copied
 
 
 def settle_collectives(accelerator):
