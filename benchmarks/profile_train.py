@@ -9,7 +9,7 @@ warm-up) are not recorded. Prints one JSON line per process:
 - step_ms: wall time per recorded step; gpu_busy_ms: the time per step that some kernel, copy or fill ran on
   this GPU (any stream); gpu_idle: 1 - busy / wall. A GPU idle for a large share of the step waits for the host
   (or, under DDP, for the other GPU);
-- host_blocked_ms: per step, host time inside CUDA calls that wait for the GPU (synchronize, blocking copies);
+- host_blocked_ms: per step, host time inside CUDA calls that can wait for the GPU (synchronizations, copies);
 - launches: kernel launches per step; top_host_ops: the operators with the most host time of their own;
 - graph_breaks, graphs: dynamo's counts for the whole run (regional compilation: a break splits a layer).
 Rank 0 also writes its Chrome trace (DIR/trace_rank0.json.gz, chrome://tracing or ui.perfetto.dev).
@@ -35,8 +35,9 @@ import train  # noqa: E402
 from hdiffusion import training  # noqa: E402
 
 GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
-BLOCKING_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ",
-                  "cudaMemcpy\0")
+# CUDA calls that can wait for the GPU: synchronizations, and copies (one to or from pageable memory waits for the
+# work queued before it; an asynchronous one between the GPU and page-locked memory returns at once).
+BLOCKING_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
 def union_length(intervals):
@@ -59,9 +60,10 @@ def summarize(trace, steps):
     def clipped(e):
         return max(e["ts"], begin), min(e["ts"] + e["dur"], end)
 
-    gpu = [clipped(e) for e in events if e.get("cat") in GPU_CATEGORIES and e["ts"] < end and e["ts"] + e["dur"] > begin]
+    gpu = [clipped(e) for e in events
+           if e.get("cat") in GPU_CATEGORIES and e["ts"] < end and e["ts"] + e["dur"] > begin]
     runtime = [e for e in events if e.get("cat") == "cuda_runtime" and begin <= e["ts"] < end]
-    blocked = sum(e["dur"] for e in runtime if (e["name"] + "\0").startswith(BLOCKING_CALLS))
+    blocked = sum(e["dur"] for e in runtime if e["name"].startswith(BLOCKING_CALLS))
     launches = sum(1 for e in runtime if "LaunchKernel" in e["name"] or e["name"] == "cuLaunchKernel")
     busy = union_length(gpu)
     return {"step_ms": round(wall / steps / 1000, 2), "gpu_busy_ms": round(busy / steps / 1000, 2),
@@ -107,7 +109,8 @@ def main():
                 shutil.copyfileobj(raw, packed)
     averages = profiler.key_averages()
     top = sorted(averages, key=lambda a: a.self_cpu_time_total, reverse=True)[:12]
-    record = {"tag": args.tag, "rank": rank, "world": int(os.environ.get("WORLD_SIZE", 1)), **summarize(trace, args.active),
+    record = {"tag": args.tag, "rank": rank, "world": int(os.environ.get("WORLD_SIZE", 1)),
+              **summarize(trace, args.active),
               "graph_breaks": sum(counters["graph_break"].values()),
               "graphs": counters["stats"].get("unique_graphs", 0),
               "break_reasons": sorted({reason.splitlines()[0][:120] for reason in counters["graph_break"]}),

@@ -246,7 +246,8 @@ class StepGuard:
         """(state in host memory, a CUDA event marking the copy done or None off CUDA). The copy is queued behind
         this step's work; reading it later through its event waits for this step only. A plain read (tolist) at
         the next step would wait for everything queued by then, that next step included, leaving the GPU idle
-        while the host prepares the step after it (in128_E on H200s: the host waited there 10 ms of each ~100 ms step on one GPU, 19 ms on two, on average)."""
+        while the host prepares the step after it (in128_E on H200s: the host waited there 10 ms of each ~100 ms
+        step on one GPU and 19 ms on two, on average)."""
         if state.device.type != "cuda":
             return state, None
         copy = state.to("cpu", non_blocking=True)  # into page-locked memory: asynchronous
