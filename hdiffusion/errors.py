@@ -10,6 +10,7 @@
 """
 
 import argparse
+from contextlib import contextmanager
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; run again to resume
 
@@ -47,3 +48,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(message)
+
+
+@contextmanager
+def reported_as_storage_error(path, advice):
+    """An OSError inside (disk full, read-only, not a folder) -> a one-line StorageError: "cannot write FILE:
+    REASON; ADVICE". `advice` is a string, or a function that makes one (called only on failure)."""
+    try:
+        yield
+    except OSError as error:
+        advice = advice() if callable(advice) else advice
+        raise StorageError(f"cannot write {error.filename or path}: {error.strerror or error}; {advice}") from None

@@ -3,7 +3,6 @@
 import inspect
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 from .checkpoint import load_for_inference
 from .config import validate_config
 from .denoiser import Denoiser
-from .errors import StorageError, UsageError
+from .errors import UsageError, reported_as_storage_error
 from .guidance import cfg_denoiser, choose_classes
 from .models import make_model
 from .noise import SCHEDULES
@@ -199,14 +198,9 @@ def _read_pngs(paths):
     return images.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-@contextmanager
-def reported_as_storage_error(out_dir):
-    """An OSError while writing images (disk full, read-only, not a folder) -> one line naming the file."""
-    try:
-        yield
-    except OSError as error:
-        raise StorageError(f"cannot write {error.filename or out_dir}: {error.strerror or error}; free space or "
-                           f"choose another --out-dir") from None
+def writing_into(out_dir):
+    """Writes into --out-dir fail with one line (StorageError) that says what to do."""
+    return reported_as_storage_error(out_dir, "free space or choose another --out-dir")
 
 
 def sample_to_directory(options: SampleOptions) -> int:
@@ -248,7 +242,7 @@ def sample_to_directory(options: SampleOptions) -> int:
                     "null class is untrained and guidance will not work well")
 
     out_dir = Path(options.out_dir)
-    with reported_as_storage_error(out_dir):
+    with writing_into(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
     autocast_dtype = torch.bfloat16 if options.precision == "bf16" else None
     indices = list(range(len(options.seeds)))
@@ -262,13 +256,14 @@ def sample_to_directory(options: SampleOptions) -> int:
                                   sigma_min=sigma_min, sigma_max=sigma_max, rho=options.rho,
                                   cfg_scale=options.cfg_scale, cfg_interval=options.cfg_interval,
                                   sampler_options=sampler_options)
-                with reported_as_storage_error(out_dir):
+                with writing_into(out_dir):
                     save_images(images, [out_dir / f"seed{s:06d}.png" for s in seeds])
                 bar.update(len(seeds))
     state.wait_for_everyone()
     if options.grid and state.is_main_process:
         grid_seeds = options.seeds[:grid_count]
-        with reported_as_storage_error(out_dir):
-            make_grid(_read_pngs([out_dir / f"seed{s:06d}.png" for s in grid_seeds]), columns).save(out_dir / "grid.png")
+        with writing_into(out_dir):
+            grid = make_grid(_read_pngs([out_dir / f"seed{s:06d}.png" for s in grid_seeds]), columns)
+            grid.save(out_dir / "grid.png")
     state.print(f"wrote {len(options.seeds)} images to {out_dir}/" + (" and grid.png" if options.grid else ""))
     return 0

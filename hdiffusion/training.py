@@ -18,7 +18,6 @@ import math
 import os
 import signal
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from .augmentation import augment_batch
 from .data import StepBatchSampler, build_dataset, describe_dataset, infinite_loader, to_unit_range
 from .denoiser import Denoiser
 from .ema import ema_decay, ema_update, local
-from .errors import PREEMPTED_EXIT_CODE, DivergedError, StorageError, UsageError
+from .errors import PREEMPTED_EXIT_CODE, DivergedError, StorageError, UsageError, reported_as_storage_error
 from .evaluation import TrainingEvaluator, mark_best
 from .flops import count_macs
 from .images import make_grid
@@ -279,20 +278,18 @@ def step_unless(optimizer, finite):
     optimizer.step()
 
 
-@contextmanager
-def reported_as_storage_error(run_dir):
-    """An OSError while writing the run folder (disk full, read-only) -> a one-line StorageError that says which
-    checkpoint is intact."""
-    try:
-        yield
-    except OSError as error:
+def writing_into(run_dir):
+    """Writes into the run folder fail with one line (StorageError) that says which checkpoint is intact."""
+
+    def advice():
         try:
             latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / ckpt.LATEST).read_text().strip()
             intact = f"the last checkpoint, {latest}, is intact"
         except OSError:
             intact = "no checkpoint was written yet"
-        raise StorageError(f"cannot write {error.filename or run_dir}: {error.strerror or error}; {intact}. Free "
-                           f"space or make the folder writable, then run the same command again to resume") from None
+        return f"{intact}. Free space or make the folder writable, then run the same command again to resume"
+
+    return reported_as_storage_error(run_dir, advice)
 
 
 def layout_change_note(info, options, world):
@@ -439,7 +436,7 @@ def train(options: TrainOptions) -> int:
     density = make_sigma_density(model_config["sigma_sample_density"], model_config["sigma_data"])
 
     if accelerator.is_main_process:
-        with reported_as_storage_error(run_dir):
+        with writing_into(run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
             removed = ckpt.remove_temporary_files(run_dir) + ckpt.remove_temporary_files(run_dir / "checkpoints")
             if removed:
@@ -452,7 +449,7 @@ def train(options: TrainOptions) -> int:
             accelerator.init_trackers(options.wandb_project or options.name, config=flat_config(config))
     metrics_file = run_dir / "metrics.jsonl"
     if accelerator.is_main_process:
-        with reported_as_storage_error(run_dir):
+        with writing_into(run_dir):
             drop_metrics_after(metrics_file, start_step)
     info = {"config": config, "options": asdict(options), "processes": world}
 
@@ -474,7 +471,7 @@ def train(options: TrainOptions) -> int:
             counts = {"nonfinite_in_a_row": int(guard.in_a_row), "nonfinite_total": int(guard.total)}
             model_weights, ema_weights, optimizer_weights = states
             try:
-                with reported_as_storage_error(run_dir):
+                with writing_into(run_dir):
                     ckpt.save_checkpoint(run_dir, step, model_weights, ema_weights, optimizer_weights,
                                          dict(info, **counts), options.keep_last)
                     ckpt.save_inference_file(run_dir / "ema.safetensors", ema_weights, config, step)
@@ -493,14 +490,14 @@ def train(options: TrainOptions) -> int:
                 images = sample_demo(ema_denoiser, config, options.sample_n, options.demo_steps, options.seed, device)
         if accelerator.is_main_process:
             columns = dataset_config["num_classes"] or None
-            with reported_as_storage_error(run_dir):
+            with writing_into(run_dir):
                 make_grid(images, columns=columns).save(run_dir / f"demo_{step:08d}.png")
 
     def evaluate(step):
         start = time.perf_counter()
         scores, is_best = evaluator.evaluate(ema_denoiser, metrics_file)  # every process samples its share
         if accelerator.is_main_process:
-            with reported_as_storage_error(run_dir):
+            with writing_into(run_dir):
                 append_metrics(metrics_file, {"step": step, "kimg": step * options.batch_size / 1000, **scores})
             progress.set_description(evaluator.describe(scores))
             tqdm.write(f"step {step}: {evaluator.describe(scores)}{' (best so far)' if is_best else ''} "
@@ -509,7 +506,7 @@ def train(options: TrainOptions) -> int:
         if is_best:  # keep this step's checkpoint as checkpoints/best, which --keep-last spares
             save(step)
             if accelerator.is_main_process:
-                with reported_as_storage_error(run_dir):
+                with writing_into(run_dir):
                     mark_best(run_dir, step)
 
     end_step = options.end_step if options.end_step is not None else math.inf
@@ -584,7 +581,7 @@ def train(options: TrainOptions) -> int:
                 if device.type == "cuda":  # this process's peak since the start (a counter on the host: no sync)
                     record["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 if accelerator.is_main_process:
-                    with reported_as_storage_error(run_dir):
+                    with writing_into(run_dir):
                         append_metrics(metrics_file, record)
                     progress.set_postfix(loss=f"{loss_mean:.4f}" if count else "-",
                                          img_s=f"{record['img_per_s']:.1f}", lr=f"{lr:.2e}")
